@@ -1,0 +1,161 @@
+//! The validated, typed pipeline: everything checked and resolved, nothing connected yet.
+
+use super::secret::Secret;
+use crate::event::TableId;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A pipeline ready to build.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    /// The file it was read from, for messages.
+    pub file: PathBuf,
+    pub source: SourceConfig,
+    pub transport: TransportConfig,
+    pub sinks: Vec<SinkConfig>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Postgres(PostgresSourceConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresSourceConfig {
+    pub conn: PgConnection,
+    pub tables: Vec<TableId>,
+    pub snapshot: SnapshotMode,
+    pub slot: String,
+    pub publication: String,
+    /// How often a heartbeat message is written so an idle publication's slot still advances.
+    pub heartbeat: Duration,
+    pub snapshot_chunk_rows: u64,
+}
+
+/// How to reach a PostgreSQL server. The password is a [`Secret`].
+#[derive(Debug, Clone)]
+pub struct PgConnection {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub dbname: String,
+    pub tls: TlsMode,
+    /// CA bundle for `verify-full`/`verify-ca`; the system's web roots when absent.
+    pub root_cert: Option<PathBuf>,
+}
+
+impl PgConnection {
+    /// `host:port/db` for messages: never the password.
+    pub fn display_target(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+/// libpq's `sslmode` values that sluice supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Read every table once, then stream.
+    Initial,
+    /// Stream only changes made after the slot was created.
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub enum TransportConfig {
+    Embedded { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    Parquet(ParquetSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SinkConfig::Parquet(p) => &p.name,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ParquetSinkConfig {
+    pub name: String,
+    pub target: ObjectTarget,
+    pub roll: Roll,
+    pub unbounded_numeric: NumericPolicy,
+    pub partition_by: PartitionBy,
+}
+
+/// Where files go.
+#[derive(Debug, Clone)]
+pub enum ObjectTarget {
+    /// A local directory.
+    File { root: PathBuf },
+    S3(S3Target),
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Key prefix without leading slash, ending in `/` when not empty.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    /// Files at least this large are sent with multipart upload.
+    pub multipart_threshold: u64,
+}
+
+/// When an open file is closed and a new one started.
+#[derive(Debug, Clone, Copy)]
+pub struct Roll {
+    pub max_rows: u64,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+/// How NUMERIC columns without declared precision are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumericPolicy {
+    /// Exact decimal text in a string column (never loses digits).
+    String,
+    /// DECIMAL(precision, scale); a value that does not fit exactly stops the sink with an error.
+    Decimal { precision: u8, scale: i8 },
+}
+
+/// Hive-style partitioning of each table's changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionBy {
+    /// `date=YYYY-MM-DD` of the commit time (UTC).
+    CommitDate,
+    /// One directory per table.
+    None,
+}

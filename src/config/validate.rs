@@ -1,0 +1,273 @@
+//! Turns a raw pipeline into a typed one. Pure apart from reading `${file:...}` secrets.
+
+use super::pipeline::*;
+use super::raw::*;
+use super::secret::{interpolate, Secret};
+use super::ConfigError;
+use crate::event::TableId;
+use serde_saphyr::Spanned;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&self, at: &Spanned<T>, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+        let loc = at.referenced;
+        ConfigError {
+            file: self.file.to_path_buf(),
+            at: (loc.line() > 0).then(|| (loc.line(), loc.column())),
+            message: message.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// Resolves `${env:..}`/`${file:..}` in a value, pointing at it on failure.
+    fn resolve(&self, field: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        interpolate(&value.value).map_err(|e| self.err(value, format!("{field}: {}", e.message), e.fix))
+    }
+
+    fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(value.value.trim()).map_err(|e| {
+            self.err(value, format!("{field}: `{}` is not a duration ({e})", value.value), "write it like 500ms, 5s, 2m or 1h")
+        })
+    }
+
+    fn size(&self, field: &str, value: &Spanned<String>) -> Result<u64, ConfigError> {
+        value.value.trim().parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| {
+            self.err(value, format!("{field}: `{}` is not a size ({e})", value.value), "write it like 64MiB, 128MB or 1GiB")
+        })
+    }
+}
+
+pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> {
+    let cx = Ctx { file };
+    let name = raw.name.value.trim().to_string();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(cx.err(
+            &raw.name,
+            format!("name: `{}` is not a valid pipeline name", raw.name.value),
+            "use letters, digits, `-` and `_` only (it names the replication slot and the data directory)",
+        ));
+    }
+    let source = match raw.source {
+        RawSource::Postgres(pg) => SourceConfig::Postgres(postgres_source(&cx, &name, pg)?),
+    };
+    let transport = match raw.transport {
+        None => TransportConfig::Embedded { path: PathBuf::from("data").join(&name) },
+        Some(RawTransport::Embedded(e)) => TransportConfig::Embedded {
+            path: e.path.map(|p| PathBuf::from(p.value)).unwrap_or_else(|| PathBuf::from("data").join(&name)),
+        },
+    };
+    if raw.sinks.value.is_empty() {
+        return Err(cx.err(&raw.sinks, "sinks: the list is empty", "declare at least one sink, e.g. `- { name: lake, type: parquet, url: file:///tmp/lake/ }`"));
+    }
+    let mut sinks = Vec::new();
+    for sink in raw.sinks.value {
+        let sink = match sink {
+            RawSink::Parquet(p) => SinkConfig::Parquet(parquet_sink(&cx, p)?),
+        };
+        sinks.push(sink);
+    }
+    for (i, a) in sinks.iter().enumerate() {
+        if sinks[..i].iter().any(|b| b.name() == a.name()) {
+            return Err(ConfigError {
+                file: file.to_path_buf(),
+                at: None,
+                message: format!("sinks: two sinks are named `{}`", a.name()),
+                fix: "give every sink a unique name (it keys the sink's position in the log)".into(),
+            });
+        }
+    }
+    let metrics_listen = match raw.metrics {
+        None => None,
+        Some(m) => Some(m.listen.value.parse().map_err(|_| {
+            cx.err(&m.listen, format!("metrics.listen: `{}` is not an address", m.listen.value), "write host:port, e.g. 127.0.0.1:9464")
+        })?),
+    };
+    Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen })
+}
+
+fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawPostgresSource) -> Result<PostgresSourceConfig, ConfigError> {
+    let url_text = cx.resolve("source.url", &raw.url)?;
+    let mut conn = parse_pg_url(&url_text).map_err(|m| {
+        cx.err(&raw.url, format!("source.url: {m}"), "write it as postgres://user@host:5432/database?sslmode=require")
+    })?;
+    if let Some(pw) = &raw.password {
+        conn.password = Some(Secret::new(cx.resolve("source.password", pw)?));
+    }
+    let mut tables = Vec::new();
+    for t in &raw.tables.value {
+        let id = TableId::parse(t.value.trim()).ok_or_else(|| {
+            cx.err(t, format!("source.tables: `{}` is not a table name", t.value), "write schema.table, e.g. public.orders")
+        })?;
+        if tables.contains(&id) {
+            return Err(cx.err(t, format!("source.tables: `{id}` is listed twice"), "list each table once"));
+        }
+        tables.push(id);
+    }
+    if tables.is_empty() {
+        return Err(cx.err(&raw.tables, "source.tables: the list is empty", "list the tables to capture, e.g. [public.orders]"));
+    }
+    let snapshot = match raw.snapshot.as_ref().map(|s| s.value.as_str()) {
+        None | Some("initial") => SnapshotMode::Initial,
+        Some("never") => SnapshotMode::Never,
+        Some(other) => {
+            return Err(cx.err(raw.snapshot.as_ref().unwrap(), format!("source.snapshot: `{other}` is not a snapshot mode"), "use `initial` or `never`"))
+        }
+    };
+    let default_name = format!("sluice_{}", pipeline.replace('-', "_"));
+    let slot = ident(cx, "source.slot", raw.slot.as_ref(), &default_name)?;
+    let publication = ident(cx, "source.publication", raw.publication.as_ref(), &default_name)?;
+    let heartbeat = match &raw.heartbeat {
+        Some(h) => cx.duration("source.heartbeat", h)?,
+        None => Duration::from_secs(10),
+    };
+    let snapshot_chunk_rows = match &raw.snapshot_chunk_rows {
+        Some(n) if n.value == 0 => return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 50000")),
+        Some(n) => n.value,
+        None => 50_000,
+    };
+    Ok(PostgresSourceConfig { conn, tables, snapshot, slot, publication, heartbeat, snapshot_chunk_rows })
+}
+
+/// Replication slot and publication names: lower-case letters, digits and `_`, at most 63 bytes.
+fn ident(cx: &Ctx, field: &str, value: Option<&Spanned<String>>, default: &str) -> Result<String, ConfigError> {
+    let Some(v) = value else { return Ok(default.to_string()) };
+    let ok = !v.value.is_empty()
+        && v.value.len() <= 63
+        && v.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(v.value.clone())
+    } else {
+        Err(cx.err(v, format!("{field}: `{}` is not a valid name", v.value), "use lower-case letters, digits and `_`, at most 63 characters"))
+    }
+}
+
+/// Parses a libpq-style URL. `sslmode` and `sslrootcert` are read from the query string.
+pub fn parse_pg_url(text: &str) -> Result<PgConnection, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+    if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+        return Err(format!("scheme `{}` is not postgres://", url.scheme()));
+    }
+    let decode = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default();
+    let host = url.host_str().ok_or("the URL has no host")?.trim_matches(['[', ']']).to_string();
+    let user = if url.username().is_empty() { "postgres".to_string() } else { decode(url.username()) };
+    let dbname = url.path().trim_start_matches('/');
+    let dbname = if dbname.is_empty() { user.clone() } else { decode(dbname) };
+    let mut tls = TlsMode::Prefer;
+    let mut root_cert = None;
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "sslmode" => {
+                tls = match &*v {
+                    "disable" => TlsMode::Disable,
+                    "prefer" | "allow" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => return Err(format!("sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full")),
+                }
+            }
+            "sslrootcert" => root_cert = Some(PathBuf::from(&*v)),
+            other => return Err(format!("query parameter `{other}` is not supported (only sslmode and sslrootcert)")),
+        }
+    }
+    Ok(PgConnection {
+        host,
+        port: url.port().unwrap_or(5432),
+        user,
+        password: url.password().map(|p| Secret::new(decode(p))),
+        dbname,
+        tls,
+        root_cert,
+    })
+}
+
+fn parquet_sink(cx: &Ctx, raw: RawParquetSink) -> Result<ParquetSinkConfig, ConfigError> {
+    let name = raw.name.value.clone();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(cx.err(&raw.name, format!("sink name `{name}` is not valid"), "use letters, digits, `-` and `_`"));
+    }
+    let url = cx.resolve("url", &raw.url)?;
+    let target = if let Some(path) = url.strip_prefix("file://") {
+        if raw.s3.is_some() {
+            return Err(cx.err(&raw.url, format!("sink {name}: `s3:` settings given for a file:// url"), "remove the s3: block or use an s3:// url"));
+        }
+        if path.is_empty() {
+            return Err(cx.err(&raw.url, format!("sink {name}: file:// url has no path"), "write file:///absolute/dir/ or file://relative/dir/"));
+        }
+        ObjectTarget::File { root: PathBuf::from(path) }
+    } else if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(cx.err(&raw.url, format!("sink {name}: s3:// url has no bucket"), "write s3://bucket/prefix/"));
+        }
+        let prefix = match prefix.trim_matches('/') {
+            "" => String::new(),
+            p => format!("{p}/"),
+        };
+        let s3 = raw.s3.as_ref();
+        let secret = |field: &str, v: Option<&Spanned<String>>| -> Result<Option<Secret>, ConfigError> {
+            v.map(|v| cx.resolve(field, v).map(Secret::new)).transpose()
+        };
+        let multipart_threshold = match s3.and_then(|s| s.multipart_threshold.as_ref()) {
+            Some(v) => cx.size("s3.multipart_threshold", v)?.max(5 * 1024 * 1024),
+            None => 16 * 1024 * 1024,
+        };
+        ObjectTarget::S3(S3Target {
+            bucket: bucket.to_string(),
+            prefix,
+            endpoint: s3.and_then(|s| s.endpoint.as_ref()).map(|e| cx.resolve("s3.endpoint", e)).transpose()?,
+            region: s3.and_then(|s| s.region.clone()).unwrap_or_else(|| "us-east-1".into()),
+            path_style: s3.and_then(|s| s.path_style).unwrap_or(false),
+            access_key_id: secret("s3.access_key_id", s3.and_then(|s| s.access_key_id.as_ref()))?,
+            secret_access_key: secret("s3.secret_access_key", s3.and_then(|s| s.secret_access_key.as_ref()))?,
+            multipart_threshold,
+        })
+    } else {
+        return Err(cx.err(&raw.url, format!("sink {name}: `{url}` is neither file:// nor s3://"), "write s3://bucket/prefix/ or file:///dir/"));
+    };
+    let mut roll = Roll { max_rows: 1_000_000, max_bytes: 128 * 1024 * 1024, max_age: Duration::from_secs(60) };
+    if let Some(r) = &raw.roll {
+        if let Some(n) = &r.max_rows {
+            if n.value == 0 {
+                return Err(cx.err(n, "roll.max_rows: must be at least 1", "use a value like 1000000"));
+            }
+            roll.max_rows = n.value;
+        }
+        if let Some(b) = &r.max_bytes {
+            roll.max_bytes = cx.size("roll.max_bytes", b)?;
+        }
+        if let Some(a) = &r.max_age {
+            roll.max_age = cx.duration("roll.max_age", a)?;
+        }
+    }
+    let unbounded_numeric = match &raw.unbounded_numeric {
+        None => NumericPolicy::String,
+        Some(v) => parse_numeric_policy(&v.value).ok_or_else(|| {
+            cx.err(v, format!("unbounded_numeric: `{}` is not a policy", v.value), "use `string` (exact text) or `decimal(P,S)` with P up to 76, e.g. decimal(38,9)")
+        })?,
+    };
+    let partition_by = match raw.partition_by.as_ref().map(|p| p.value.as_str()) {
+        None | Some("commit_date") => PartitionBy::CommitDate,
+        Some("none") => PartitionBy::None,
+        Some(other) => return Err(cx.err(raw.partition_by.as_ref().unwrap(), format!("partition_by: `{other}` is not supported"), "use `commit_date` or `none`")),
+    };
+    Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by })
+}
+
+fn parse_numeric_policy(text: &str) -> Option<NumericPolicy> {
+    let text = text.trim();
+    if text == "string" {
+        return Some(NumericPolicy::String);
+    }
+    let inner = text.strip_prefix("decimal(")?.strip_suffix(')')?;
+    let (p, s) = inner.split_once(',')?;
+    let precision: u8 = p.trim().parse().ok()?;
+    let scale: i8 = s.trim().parse().ok()?;
+    (1..=76).contains(&precision).then_some(())?;
+    (0..=precision as i8).contains(&scale).then_some(NumericPolicy::Decimal { precision, scale })
+}

@@ -1,0 +1,171 @@
+//! One atomic, durable write to the embedded log.
+
+use super::toast::{toast_key, toast_table_prefix, ToastEntry};
+use super::{EVENTS, META, SCHEMAS, STAGING, TOAST};
+use crate::error::Result;
+use crate::event::{ChangeEvent, Op, Position, TableSchema};
+use redb::{Database, Durability, ReadableTable};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Everything one source step wants made durable together, in order.
+#[derive(Default)]
+pub struct WriteBatch {
+    steps: Vec<Step>,
+    /// Schemas of the tables in this batch, to keep TOAST state for their toastable columns.
+    schemas: HashMap<u32, Arc<TableSchema>>,
+    events: usize,
+}
+
+enum Step {
+    Append(ChangeEvent),
+    /// A change of a transaction that has not committed yet (protocol v2 streaming).
+    Stage { top_xid: u32, sub_xid: u32, seq: u64, event: ChangeEvent },
+    /// The streamed transaction committed: move its staged changes into the log.
+    Promote { top_xid: u32, commit_lsn: u64, commit_ts_us: i64 },
+    /// The streamed (sub)transaction aborted: drop its staged changes.
+    Abort { top_xid: u32, sub_xid: u32 },
+    Meta(String, Vec<u8>),
+    Schema(u32, TableSchema),
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of events appended or staged so far.
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Declares the schema of events in this batch (needed for TOAST state).
+    pub fn uses_schema(&mut self, id: u32, schema: &Arc<TableSchema>) {
+        self.schemas.entry(id).or_insert_with(|| schema.clone());
+    }
+
+    pub fn append(&mut self, event: ChangeEvent) {
+        self.events += 1;
+        self.steps.push(Step::Append(event));
+    }
+
+    pub fn stage(&mut self, top_xid: u32, sub_xid: u32, seq: u64, event: ChangeEvent) {
+        self.events += 1;
+        self.steps.push(Step::Stage { top_xid, sub_xid, seq, event });
+    }
+
+    pub fn promote(&mut self, top_xid: u32, commit_lsn: u64, commit_ts_us: i64) {
+        self.steps.push(Step::Promote { top_xid, commit_lsn, commit_ts_us });
+    }
+
+    pub fn abort(&mut self, top_xid: u32, sub_xid: u32) {
+        self.steps.push(Step::Abort { top_xid, sub_xid });
+    }
+
+    pub fn put_meta(&mut self, key: impl Into<String>, value: Vec<u8>) {
+        self.steps.push(Step::Meta(key.into(), value));
+    }
+
+    pub fn register_schema(&mut self, id: u32, schema: TableSchema) {
+        self.steps.push(Step::Schema(id, schema));
+    }
+
+    /// Writes the batch in one fsynced transaction; returns the new head offset.
+    pub(super) fn apply(self, db: &Database, mut head: u64) -> Result<u64> {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut events = tx.open_table(EVENTS)?;
+            let mut staging = tx.open_table(STAGING)?;
+            let mut toast = tx.open_table(TOAST)?;
+            let mut meta = tx.open_table(META)?;
+            let mut schemas = tx.open_table(SCHEMAS)?;
+            let mut buf = Vec::with_capacity(512);
+            let mut append = |event: &ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
+                head += 1;
+                buf.clear();
+                let encoded = postcard::to_extend(event, std::mem::take(&mut buf))?;
+                events.insert(head, encoded.as_slice())?;
+                buf = encoded;
+                if let Some(schema) = self.schemas.get(&event.schema_id) {
+                    keep_toast_state(toast, schema, event)?;
+                }
+                Ok(())
+            };
+            for step in &self.steps {
+                match step {
+                    Step::Append(event) => append(event, &mut toast)?,
+                    Step::Stage { top_xid, sub_xid, seq, event } => {
+                        let encoded = postcard::to_allocvec(&(sub_xid, event))?;
+                        staging.insert((*top_xid, *seq), encoded.as_slice())?;
+                    }
+                    Step::Promote { top_xid, commit_lsn, commit_ts_us } => {
+                        let mut staged = Vec::new();
+                        for entry in staging.range((*top_xid, 0)..=(*top_xid, u64::MAX))? {
+                            let (_, v) = entry?;
+                            let (_, event): (u32, ChangeEvent) = postcard::from_bytes(v.value())?;
+                            staged.push(event);
+                        }
+                        for (ordinal, mut event) in staged.into_iter().enumerate() {
+                            event.position = Position::change(*commit_lsn, ordinal as u64);
+                            event.commit_ts_us = *commit_ts_us;
+                            append(&event, &mut toast)?;
+                        }
+                        staging.retain_in((*top_xid, 0)..=(*top_xid, u64::MAX), |_, _| false)?;
+                    }
+                    Step::Abort { top_xid, sub_xid } => {
+                        let whole = top_xid == sub_xid;
+                        staging.retain_in((*top_xid, 0)..=(*top_xid, u64::MAX), |_, v| {
+                            !whole && postcard::from_bytes::<(u32, ChangeEvent)>(v).map(|(s, _)| s != *sub_xid).unwrap_or(true)
+                        })?;
+                    }
+                    Step::Meta(key, value) => {
+                        meta.insert(key.as_str(), value.as_slice())?;
+                    }
+                    Step::Schema(id, schema) => {
+                        schemas.insert(*id, postcard::to_allocvec(schema)?.as_slice())?;
+                    }
+                }
+            }
+            meta.insert("head", head.to_le_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(head)
+    }
+}
+
+/// Keeps the last seen value of every toastable column per key, so a later update that leaves a
+/// TOASTed value out can be given the value that was current at that change.
+fn keep_toast_state(toast: &mut redb::Table<&[u8], &[u8]>, schema: &TableSchema, event: &ChangeEvent) -> Result<()> {
+    let toastable: Vec<usize> = (0..schema.columns.len()).filter(|&i| schema.columns[i].toastable).collect();
+    if toastable.is_empty() {
+        return Ok(());
+    }
+    match event.op {
+        Op::Insert | Op::Update | Op::Read => {
+            let Some(after) = &event.after else { return Ok(()) };
+            let entry = ToastEntry {
+                position: event.position,
+                values: toastable
+                    .iter()
+                    .filter_map(|&i| after.get(i).map(|v| (schema.columns[i].name.clone(), v.clone())))
+                    .collect(),
+            };
+            toast.insert(toast_key(&event.table, &event.key).as_slice(), postcard::to_allocvec(&entry)?.as_slice())?;
+        }
+        Op::Delete => {
+            toast.remove(toast_key(&event.table, &event.key).as_slice())?;
+        }
+        Op::Truncate => {
+            let prefix = toast_table_prefix(&event.table);
+            let mut end = prefix.clone();
+            end.push(0xFF);
+            toast.retain_in(prefix.as_slice()..end.as_slice(), |_, _| false)?;
+        }
+    }
+    Ok(())
+}

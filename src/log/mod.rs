@@ -1,0 +1,296 @@
+//! The embedded durable log: the default transport between the source and the sinks.
+//!
+//! One redb database holds everything that must change atomically with the log: the events,
+//! each sink's cursor and state, the schema registry, the source's checkpoint, snapshot progress,
+//! TOAST state and the staging area of transactions still in progress. A batch commits with
+//! fsync before the source acknowledges anything to PostgreSQL. Events below every sink's
+//! cursor are deleted; redb reuses their pages, so the file stays as large as the peak backlog.
+
+mod batch;
+mod toast;
+
+pub use batch::WriteBatch;
+pub use toast::{toast_key, ToastEntry};
+
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, TableSchema};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("sink_cursors");
+const SINK_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("sink_state");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SCHEMAS: TableDefinition<u32, &[u8]> = TableDefinition::new("schemas");
+const TOAST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("toast");
+/// (top-level xid, sequence) -> (subtransaction xid, encoded event).
+const STAGING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("staging");
+
+/// A handle to the embedded log; cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    db: Arc<Database>,
+    path: PathBuf,
+    /// The offset of the newest durable event (0 when the log has never held one).
+    head: watch::Sender<u64>,
+}
+
+/// One event read back from the log.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub offset: u64,
+    pub event: ChangeEvent,
+    /// Encoded size, for byte-bounded batches.
+    pub bytes: usize,
+}
+
+impl EmbeddedLog {
+    /// Opens (creating if needed) the log in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        let file = dir.join("log.redb");
+        let db = Database::create(&file).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::config(format!(
+                "{} is in use by another sluice process; run one process per pipeline data directory",
+                file.display()
+            )),
+            other => Error::Storage(format!("cannot open {}: {other}", file.display())),
+        })?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(EVENTS)?;
+            tx.open_table(CURSORS)?;
+            tx.open_table(SINK_STATE)?;
+            tx.open_table(META)?;
+            tx.open_table(SCHEMAS)?;
+            tx.open_table(TOAST)?;
+            tx.open_table(STAGING)?;
+        }
+        tx.commit()?;
+        let head = {
+            let rx = db.begin_read()?;
+            let events = rx.open_table(EVENTS)?;
+            let last = events.last()?.map(|(k, _)| k.value());
+            let meta = rx.open_table(META)?;
+            let recorded = meta.get("head")?.map(|v| decode_u64(v.value()));
+            last.unwrap_or(0).max(recorded.unwrap_or(0))
+        };
+        let (head, _) = watch::channel(head);
+        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The offset of the newest durable event.
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Notifies on every commit that adds events.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// Commits a batch durably (fsync) and returns the new head offset.
+    pub async fn commit(&self, batch: WriteBatch) -> Result<u64> {
+        let db = self.db.clone();
+        let start = self.head();
+        let new_head = tokio::task::spawn_blocking(move || batch.apply(&db, start))
+            .await
+            .map_err(|e| Error::Storage(format!("log writer panicked: {e}")))??;
+        if new_head != start {
+            self.head.send_replace(new_head);
+        }
+        Ok(new_head)
+    }
+
+    /// Reads up to `max_events` events (or about `max_bytes`) starting at `from`.
+    pub async fn read(&self, from: u64, max_events: usize, max_bytes: usize) -> Result<Vec<LogRecord>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let rx = db.begin_read()?;
+            let events = rx.open_table(EVENTS)?;
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for entry in events.range(from..)? {
+                let (k, v) = entry?;
+                let raw = v.value();
+                bytes += raw.len();
+                out.push(LogRecord { offset: k.value(), event: postcard::from_bytes(raw)?, bytes: raw.len() });
+                if out.len() >= max_events || bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The sink's cursor: every event at or below it is durable in the sink.
+    pub async fn cursor(&self, sink: &str) -> Result<u64> {
+        let db = self.db.clone();
+        let sink = sink.to_string();
+        blocking(move || Ok(db.begin_read()?.open_table(CURSORS)?.get(sink.as_str())?.map(|v| v.value()).unwrap_or(0))).await
+    }
+
+    pub async fn sink_state(&self, sink: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db.clone();
+        let sink = sink.to_string();
+        blocking(move || Ok(db.begin_read()?.open_table(SINK_STATE)?.get(sink.as_str())?.map(|v| v.value().to_vec()))).await
+    }
+
+    /// Records a sink's progress and state together. The cursor never moves backward: a lower
+    /// value is ignored and the stored one returned.
+    pub async fn commit_sink(&self, sink: &str, cursor: u64, state: Vec<u8>) -> Result<u64> {
+        let db = self.db.clone();
+        let sink = sink.to_string();
+        blocking(move || {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::Immediate)?;
+            let stored = {
+                let mut cursors = tx.open_table(CURSORS)?;
+                let old = cursors.get(sink.as_str())?.map(|v| v.value()).unwrap_or(0);
+                let new = old.max(cursor);
+                cursors.insert(sink.as_str(), new)?;
+                tx.open_table(SINK_STATE)?.insert(sink.as_str(), state.as_slice())?;
+                new
+            };
+            tx.commit()?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    /// Deletes events that every listed sink has made durable; returns how many were deleted.
+    /// Deletes at most `limit` per call so one call never holds the writer for long.
+    pub async fn release(&self, sinks: &[String], limit: usize) -> Result<u64> {
+        let db = self.db.clone();
+        let sinks = sinks.to_vec();
+        blocking(move || {
+            let tx = db.begin_write()?;
+            let removed = {
+                let cursors = tx.open_table(CURSORS)?;
+                let mut floor = u64::MAX;
+                for s in &sinks {
+                    floor = floor.min(cursors.get(s.as_str())?.map(|v| v.value()).unwrap_or(0));
+                }
+                let mut events = tx.open_table(EVENTS)?;
+                let first = match events.first()? {
+                    Some((k, _)) => k.value(),
+                    None => return Ok(0),
+                };
+                if first > floor {
+                    return Ok(0);
+                }
+                let upto = floor.min(first.saturating_add(limit as u64 - 1));
+                let mut removed = 0u64;
+                events.retain_in(first..=upto, |_, _| {
+                    removed += 1;
+                    false
+                })?;
+                removed
+            };
+            tx.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// The offset of the oldest event still held, if any.
+    pub async fn tail(&self) -> Result<Option<u64>> {
+        let db = self.db.clone();
+        blocking(move || Ok(db.begin_read()?.open_table(EVENTS)?.first()?.map(|(k, _)| k.value()))).await
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db.clone();
+        let key = key.to_string();
+        blocking(move || Ok(db.begin_read()?.open_table(META)?.get(key.as_str())?.map(|v| v.value().to_vec()))).await
+    }
+
+    pub async fn schema(&self, id: u32) -> Result<Option<TableSchema>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let rx = db.begin_read()?;
+            let table = rx.open_table(SCHEMAS)?;
+            let found = table.get(id)?;
+            Ok(match found {
+                Some(v) => Some(postcard::from_bytes(v.value())?),
+                None => None,
+            })
+        })
+        .await
+    }
+
+    /// All registered schemas, for registering the next one.
+    pub async fn schemas(&self) -> Result<Vec<(u32, TableSchema)>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let rx = db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in rx.open_table(SCHEMAS)?.iter()? {
+                let (k, v) = entry?;
+                out.push((k.value(), postcard::from_bytes(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Looks up TOAST entries by key (see [`toast_key`]).
+    pub async fn toast_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<ToastEntry>>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let rx = db.begin_read()?;
+            let table = rx.open_table(TOAST)?;
+            keys.iter()
+                .map(|k| match table.get(k.as_slice())? {
+                    Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Bytes and entries of TOAST state, for `sluice status`.
+    pub async fn toast_usage(&self) -> Result<(u64, u64)> {
+        let db = self.db.clone();
+        blocking(move || {
+            let rx = db.begin_read()?;
+            let mut n = 0;
+            let mut bytes = 0;
+            for entry in rx.open_table(TOAST)?.iter()? {
+                let (k, v) = entry?;
+                n += 1;
+                bytes += (k.value().len() + v.value().len()) as u64;
+            }
+            Ok((n, bytes))
+        })
+        .await
+    }
+
+    /// Drops every staged event (used at start: the server resends unfinished transactions).
+    pub async fn clear_staging(&self) -> Result<()> {
+        let db = self.db.clone();
+        blocking(move || {
+            let tx = db.begin_write()?;
+            tx.open_table(STAGING)?.retain(|_, _| false)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Storage(format!("log reader panicked: {e}")))?
+}
+
+fn decode_u64(raw: &[u8]) -> u64 {
+    raw.try_into().map(u64::from_le_bytes).unwrap_or(0)
+}
