@@ -1,6 +1,9 @@
 //! sluice: change data capture from PostgreSQL into a durable log, then into sinks.
 
 pub mod config;
+#[path = "../connectors/mod.rs"]
+pub mod connectors;
 pub mod error;
 pub mod event;
 pub mod log;
+pub mod runtime;

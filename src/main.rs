@@ -1,1 +1,143 @@
-fn main() {}
+//! The `sluice` binary: the only place errors become exit codes and messages.
+
+mod cli;
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command};
+use sluice::config::{self, Pipeline, SinkConfig, SourceConfig};
+use sluice::error::Error;
+use sluice::runtime::{self, RunOptions, Shutdown};
+use std::process::ExitCode;
+
+/// Exit code for a pipeline file or environment that cannot work as configured.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let result = match cli.command {
+        Command::Validate { file } => validate(&file),
+        Command::Run { file, until_idle } => run(&file, RunOptions { until_idle }),
+        Command::Status { file, json } => status(&file, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let config = e.downcast_ref::<config::ConfigError>().is_some()
+                || matches!(e.downcast_ref::<Error>(), Some(Error::Config(_)));
+            ExitCode::from(if config { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=warn,aws=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(file: &std::path::Path) -> anyhow::Result<Pipeline> {
+    Ok(config::load(file)?)
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<()> {
+    let p = load(file)?;
+    let SourceConfig::Postgres(pg) = &p.source;
+    let tables: Vec<String> = pg.tables.iter().map(|t| t.to_string()).collect();
+    println!("ok: pipeline {} ({})", p.name, file.display());
+    println!("  source: postgres {} tables [{}], snapshot {:?}, slot {}", pg.conn.display_target(), tables.join(", "), pg.snapshot, pg.slot);
+    for s in &p.sinks {
+        let SinkConfig::Parquet(pq) = s;
+        let target = match &pq.target {
+            config::ObjectTarget::File { root } => format!("file://{}", root.display()),
+            config::ObjectTarget::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+        };
+        println!("  sink {}: parquet {target}", pq.name);
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn run(file: &std::path::Path, options: RunOptions) -> anyhow::Result<()> {
+    let pipeline = load(file)?;
+    runtime()?.block_on(async move {
+        if let Some(addr) = pipeline.metrics_listen {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("serving /metrics on {addr}"))?;
+        }
+        let shutdown = Shutdown::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received; draining and checkpointing");
+            signals.request();
+        });
+        tracing::info!(pipeline = %pipeline.name, "starting");
+        runtime::run(pipeline, options, shutdown).await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let pipeline = load(file)?;
+    let config::TransportConfig::Embedded { path } = &pipeline.transport;
+    let report = runtime::status::read_status(path)
+        .with_context(|| format!("no status in {}: the pipeline has not run here yet", path.display()))?;
+    let SourceConfig::Postgres(pg) = &pipeline.source;
+    let slot = runtime()?.block_on(slot_lag(pg));
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Ok((confirmed, lag)) = &slot {
+            v["slot_confirmed_lsn"] = serde_json::json!(confirmed);
+            v["slot_lag_bytes"] = serde_json::json!(lag);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let age_s = (runtime::progress::now_ms().saturating_sub(report.updated_ms)) as f64 / 1000.0;
+    println!("pipeline {} (pid {}, status updated {age_s:.1}s ago)", report.pipeline, report.pid);
+    println!("  source position (acknowledged): {}", report.acked_lsn);
+    match slot {
+        Ok((confirmed, lag)) => println!("  slot {}: confirmed {confirmed}, lag {lag} bytes", pg.slot),
+        Err(e) => println!("  slot {}: unavailable ({e})", pg.slot),
+    }
+    println!("  snapshot done: {}", report.snapshot_done);
+    println!("  events: {} total, {:.0}/s, lag {:.1}s", report.events_total, report.events_per_second, report.lag_seconds);
+    println!("  log: head {}, oldest held {:?}", report.log_head, report.log_tail);
+    for s in &report.sinks {
+        println!("  sink {}: cursor {}, {} behind, {} files, {} rows", s.name, s.cursor, s.behind_events, s.files_written, s.rows_written);
+    }
+    Ok(())
+}
+
+/// The slot's confirmed position and how far the server's WAL is ahead of it.
+async fn slot_lag(pg: &config::PostgresSourceConfig) -> anyhow::Result<(String, u64)> {
+    let client = sluice::connectors::postgres::client::connect(&pg.conn, "sluice status").await?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await?
+        .context("the slot does not exist")?;
+    Ok((row.get(0), row.get::<_, i64>(1) as u64))
+}

@@ -3,10 +3,13 @@
 use super::toast::{toast_key, toast_table_prefix, ToastEntry};
 use super::{EVENTS, META, SCHEMAS, STAGING, TOAST};
 use crate::error::Result;
-use crate::event::{ChangeEvent, Op, Position, TableSchema};
+use crate::event::{ChangeEvent, Op, Phase, Position, TableSchema};
 use redb::{Database, Durability, ReadableTable};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Meta key of the newest change position appended.
+const LAST_CHANGE: &str = "last_change";
 
 /// Everything one source step wants made durable together, in order.
 #[derive(Default)]
@@ -85,7 +88,19 @@ impl WriteBatch {
             let mut meta = tx.open_table(META)?;
             let mut schemas = tx.open_table(SCHEMAS)?;
             let mut buf = Vec::with_capacity(512);
+            // A source that resumes before a partly written transaction resends it; changes at
+            // or below the last appended position are already in the log.
+            let mut last_change: Option<Position> = match meta.get(LAST_CHANGE)? {
+                Some(v) => Some(postcard::from_bytes(v.value())?),
+                None => None,
+            };
             let mut append = |event: &ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
+                if event.position.phase == Phase::Change {
+                    if last_change.is_some_and(|last| event.position <= last) {
+                        return Ok(());
+                    }
+                    last_change = Some(event.position);
+                }
                 head += 1;
                 buf.clear();
                 let encoded = postcard::to_extend(event, std::mem::take(&mut buf))?;
@@ -130,6 +145,9 @@ impl WriteBatch {
                         schemas.insert(*id, postcard::to_allocvec(schema)?.as_slice())?;
                     }
                 }
+            }
+            if let Some(last) = last_change {
+                meta.insert(LAST_CHANGE, postcard::to_allocvec(&last)?.as_slice())?;
             }
             meta.insert("head", head.to_le_bytes().as_slice())?;
         }

@@ -1,0 +1,4 @@
+//! Sources and sinks.
+
+pub mod parquet;
+pub mod postgres;

@@ -1,0 +1,289 @@
+//! Change events to Arrow record batches: one typed column per table column, then metadata.
+
+use crate::config::NumericPolicy;
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, ColumnType, Op, TableSchema, Value};
+use arrow::array::*;
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{i256, DataType, Field, Fields, Schema, TimeUnit};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The metadata columns every changelog file carries, after the table's own columns.
+pub const META_COLUMNS: [&str; 6] =
+    ["_sluice_op", "_sluice_position", "_sluice_lsn", "_sluice_commit_ts", "_sluice_tx_id", "_sluice_toast_fetched"];
+
+/// The Arrow schema of a table's changelog.
+pub fn arrow_schema(schema: &TableSchema, numeric: NumericPolicy) -> Arc<Schema> {
+    let mut fields: Vec<Field> = schema.columns.iter().map(|c| field(&c.name, &c.ty, numeric)).collect();
+    fields.push(Field::new(META_COLUMNS[0], DataType::Utf8, false));
+    fields.push(Field::new(META_COLUMNS[1], DataType::Utf8, false));
+    fields.push(Field::new(META_COLUMNS[2], DataType::Int64, false));
+    fields.push(Field::new(META_COLUMNS[3], DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false));
+    fields.push(Field::new(META_COLUMNS[4], DataType::Int64, true));
+    fields.push(Field::new(META_COLUMNS[5], DataType::Boolean, false));
+    Arc::new(Schema::new(fields))
+}
+
+fn field(name: &str, ty: &ColumnType, numeric: NumericPolicy) -> Field {
+    let f = Field::new(name, data_type(ty, numeric), true);
+    match ty {
+        ColumnType::Json => f.with_metadata(extension("arrow.json")),
+        ColumnType::Uuid => f.with_metadata(extension("arrow.uuid")),
+        _ => f,
+    }
+}
+
+fn extension(name: &str) -> HashMap<String, String> {
+    HashMap::from([("ARROW:extension:name".to_string(), name.to_string())])
+}
+
+fn data_type(ty: &ColumnType, numeric: NumericPolicy) -> DataType {
+    match ty {
+        ColumnType::Bool => DataType::Boolean,
+        ColumnType::Int16 => DataType::Int16,
+        ColumnType::Int32 => DataType::Int32,
+        ColumnType::Int64 => DataType::Int64,
+        ColumnType::Float32 => DataType::Float32,
+        ColumnType::Float64 => DataType::Float64,
+        ColumnType::Numeric(Some((p, s))) => decimal(*p as u8, *s as i8),
+        ColumnType::Numeric(None) => match numeric {
+            NumericPolicy::String => DataType::Utf8,
+            NumericPolicy::Decimal { precision, scale } => decimal(precision, scale),
+        },
+        ColumnType::Text | ColumnType::Enum | ColumnType::Other(_) | ColumnType::TimeTz | ColumnType::Json => DataType::Utf8,
+        ColumnType::Bytes => DataType::Binary,
+        ColumnType::Uuid => DataType::FixedSizeBinary(16),
+        ColumnType::Date => DataType::Date32,
+        ColumnType::Time => DataType::Time64(TimeUnit::Microsecond),
+        ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+        ColumnType::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ColumnType::Interval => DataType::Struct(interval_fields()),
+        ColumnType::Array(elem) => DataType::List(Arc::new(field("item", elem, numeric))),
+    }
+}
+
+fn decimal(p: u8, s: i8) -> DataType {
+    if p <= 38 {
+        DataType::Decimal128(p.max(1), s)
+    } else {
+        DataType::Decimal256(p, s)
+    }
+}
+
+fn interval_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("months", DataType::Int32, false),
+        Field::new("days", DataType::Int32, false),
+        Field::new("micros", DataType::Int64, false),
+    ])
+}
+
+/// Builds one record batch from events of one table schema.
+pub fn record_batch(schema: &TableSchema, arrow: &Arc<Schema>, events: &[&ChangeEvent]) -> Result<RecordBatch> {
+    let key_idx = schema.key_indexes();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(arrow.fields().len());
+    for (ci, col) in schema.columns.iter().enumerate() {
+        let values: Vec<&Value> = events
+            .iter()
+            .map(|e| match (&e.after, e.op) {
+                (Some(after), _) => &after[ci],
+                (None, Op::Delete) => key_idx.iter().position(|&k| k == ci).map(|p| &e.key[p]).unwrap_or(&Value::Null),
+                (None, _) => &Value::Null,
+            })
+            .collect();
+        let dt = arrow.field(ci).data_type();
+        columns.push(
+            array(&col.ty, dt, &values)
+                .map_err(|m| Error::permanent(format!("parquet: {} column {}", schema.table, col.name), m))?,
+        );
+    }
+    columns.push(Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.op.as_str()))));
+    columns.push(Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.position.to_string()))));
+    columns.push(Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.position.lsn as i64))));
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from_iter_values(events.iter().map(|e| e.commit_ts_us)).with_timezone("UTC"),
+    ));
+    columns.push(Arc::new(Int64Array::from_iter(events.iter().map(|e| e.tx_id.map(|x| x as i64)))));
+    columns.push(Arc::new(BooleanArray::from_iter(events.iter().map(|e| Some(e.toast_fetched)))));
+    RecordBatch::try_new(arrow.clone(), columns).map_err(|e| Error::permanent("parquet: record batch", e))
+}
+
+fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Result<ArrayRef, String> {
+    let mismatch = |v: &Value| format!("value {v:?} does not match column type {ty:?}");
+    macro_rules! build {
+        ($arr:ty, $pat:pat => $out:expr) => {{
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match v {
+                    Value::Null => None,
+                    $pat => Some($out),
+                    other => return Err(mismatch(other)),
+                });
+            }
+            Arc::new(<$arr>::from(out)) as ArrayRef
+        }};
+    }
+    Ok(match dt {
+        DataType::Boolean => build!(BooleanArray, Value::Bool(b) => *b),
+        DataType::Int16 => build!(Int16Array, Value::Int(i) => i16::try_from(*i).map_err(|e| e.to_string())?),
+        DataType::Int32 => build!(Int32Array, Value::Int(i) => i32::try_from(*i).map_err(|e| e.to_string())?),
+        DataType::Int64 => build!(Int64Array, Value::Int(i) => *i),
+        DataType::Float32 => build!(Float32Array, Value::Float(f) => *f as f32),
+        DataType::Float64 => build!(Float64Array, Value::Float(f) => *f),
+        DataType::Date32 => build!(Date32Array, Value::Date(d) => *d),
+        DataType::Time64(_) => build!(Time64MicrosecondArray, Value::Time(t) => *t),
+        DataType::Timestamp(_, None) => build!(TimestampMicrosecondArray, Value::Timestamp(t) => *t),
+        DataType::Timestamp(_, Some(_)) => {
+            let arr = build!(TimestampMicrosecondArray, Value::TimestampTz(t) => *t);
+            Arc::new(arr.as_any().downcast_ref::<TimestampMicrosecondArray>().expect("built above").clone().with_timezone("UTC"))
+        }
+        DataType::Binary => build!(BinaryArray, Value::Bytes(b) => b.as_slice()),
+        DataType::FixedSizeBinary(_) => {
+            let items: Vec<Option<&[u8]>> = values
+                .iter()
+                .map(|v| match v {
+                    Value::Null => Ok(None),
+                    Value::Uuid(u) => Ok(Some(u.as_slice())),
+                    other => Err(mismatch(other)),
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            Arc::new(FixedSizeBinaryArray::try_from_sparse_iter_with_size(items.into_iter(), 16).map_err(|e| e.to_string())?)
+        }
+        DataType::Utf8 => {
+            let mut out: Vec<Option<String>> = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match v {
+                    Value::Null => None,
+                    Value::Text(s) | Value::Enum(s) | Value::Other(s) | Value::Json(s) | Value::Numeric(s) => Some(s.clone()),
+                    Value::TimeTz(t, off) => Some(format_timetz(*t, *off)),
+                    other => return Err(mismatch(other)),
+                });
+            }
+            Arc::new(StringArray::from(out))
+        }
+        DataType::Decimal128(p, s) => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match v {
+                    Value::Null => None,
+                    Value::Numeric(text) => Some(unscaled(text, *p, *s)?.to_string().parse::<i128>().map_err(|e| e.to_string())?),
+                    other => return Err(mismatch(other)),
+                });
+            }
+            Arc::new(Decimal128Array::from(out).with_precision_and_scale(*p, *s).map_err(|e| e.to_string())?)
+        }
+        DataType::Decimal256(p, s) => {
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                out.push(match v {
+                    Value::Null => None,
+                    Value::Numeric(text) => {
+                        Some(i256::from_string(&unscaled(text, *p, *s)?).ok_or("decimal out of range")?)
+                    }
+                    other => return Err(mismatch(other)),
+                });
+            }
+            Arc::new(Decimal256Array::from(out).with_precision_and_scale(*p, *s).map_err(|e| e.to_string())?)
+        }
+        DataType::Struct(fields) => {
+            let mut months = Vec::with_capacity(values.len());
+            let mut days = Vec::with_capacity(values.len());
+            let mut micros = Vec::with_capacity(values.len());
+            let mut valid = Vec::with_capacity(values.len());
+            for v in values {
+                let iv = match v {
+                    Value::Null => None,
+                    Value::Interval(iv) => Some(*iv),
+                    other => return Err(mismatch(other)),
+                };
+                valid.push(iv.is_some());
+                let iv = iv.unwrap_or(crate::event::Interval { months: 0, days: 0, micros: 0 });
+                months.push(iv.months);
+                days.push(iv.days);
+                micros.push(iv.micros);
+            }
+            let children: Vec<ArrayRef> =
+                vec![Arc::new(Int32Array::from(months)), Arc::new(Int32Array::from(days)), Arc::new(Int64Array::from(micros))];
+            Arc::new(StructArray::try_new(fields.clone(), children, Some(NullBuffer::from(valid))).map_err(|e| e.to_string())?)
+        }
+        DataType::List(child) => {
+            let ColumnType::Array(elem) = ty else { return Err(format!("list for non-array type {ty:?}")) };
+            let mut flat: Vec<&Value> = Vec::new();
+            let mut lengths = Vec::with_capacity(values.len());
+            let mut valid = Vec::with_capacity(values.len());
+            for v in values {
+                match v {
+                    Value::Null => {
+                        lengths.push(0);
+                        valid.push(false);
+                    }
+                    Value::Array(items) => {
+                        if items.iter().any(|i| matches!(i, Value::Array(_))) {
+                            return Err("multi-dimensional arrays are not supported in Parquet output".into());
+                        }
+                        flat.extend(items.iter());
+                        lengths.push(items.len());
+                        valid.push(true);
+                    }
+                    other => return Err(mismatch(other)),
+                }
+            }
+            let child_array = array(elem, child.data_type(), &flat)?;
+            Arc::new(
+                ListArray::try_new(child.clone(), OffsetBuffer::from_lengths(lengths), child_array, Some(NullBuffer::from(valid)))
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        other => return Err(format!("no Arrow conversion for {other:?}")),
+    })
+}
+
+fn format_timetz(micros: i64, offset: i32) -> String {
+    let (h, m, s, us) = (micros / 3_600_000_000, micros / 60_000_000 % 60, micros / 1_000_000 % 60, micros % 1_000_000);
+    let sign = if offset < 0 { '-' } else { '+' };
+    let off = offset.abs();
+    format!("{h:02}:{m:02}:{s:02}.{us:06}{sign}{:02}:{:02}", off / 3600, off / 60 % 60)
+}
+
+/// The unscaled integer text of an exact decimal at `scale`; refuses anything that would round.
+pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<String, String> {
+    if matches!(text, "NaN" | "Infinity" | "-Infinity") {
+        return Err(format!("{text} cannot be written as DECIMAL; set unbounded_numeric: string"));
+    }
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, text),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let scale = scale.max(0) as usize;
+    let frac_trimmed = frac.trim_end_matches('0');
+    if frac_trimmed.len() > scale {
+        return Err(format!("{text} has more than {scale} fractional digits; writing it would round"));
+    }
+    let mut out = String::with_capacity(int.len() + scale + 1);
+    out.push_str(int.trim_start_matches('0'));
+    out.push_str(frac_trimmed);
+    out.extend(std::iter::repeat_n('0', scale - frac_trimmed.len()));
+    let significant = out.trim_start_matches('0');
+    if significant.len() > precision as usize {
+        return Err(format!("{text} needs more than {precision} digits"));
+    }
+    let body = if significant.is_empty() { "0".to_string() } else { significant.to_string() };
+    Ok(if neg && body != "0" { format!("-{body}") } else { body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unscaled;
+
+    #[test]
+    fn decimals_scale_exactly_or_refuse() {
+        assert_eq!(unscaled("12.5", 10, 3).unwrap(), "12500");
+        assert_eq!(unscaled("-0.010", 5, 2).unwrap(), "-1");
+        assert_eq!(unscaled("0", 5, 2).unwrap(), "0");
+        assert!(unscaled("1.2345", 10, 3).is_err());
+        assert!(unscaled("123456", 5, 0).is_err());
+        assert!(unscaled("NaN", 5, 0).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! pgoutput messages to change events, in commit order.
+
+use super::catalog::Catalog;
+use super::replication::WalMessage;
+use super::toast::ToastResolver;
+use super::values::decode;
+use super::HEARTBEAT_PREFIX;
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, Op, Position, Row, TableId, TableSchema, Value};
+use crate::log::{EmbeddedLog, WriteBatch};
+use crate::runtime::progress::{now_ms, SourceProgress};
+use pg_walstream::{LogicalReplicationMessage as M, TupleData};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// PostgreSQL timestamps count from 2000-01-01.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// Assigns stable ids to table schemas; a schema change gets a new id.
+pub struct SchemaRegistry {
+    by_schema: HashMap<TableSchema, u32>,
+    next: u32,
+}
+
+impl SchemaRegistry {
+    pub async fn load(log: &EmbeddedLog) -> Result<Self> {
+        let all = log.schemas().await?;
+        let next = all.iter().map(|(id, _)| id + 1).max().unwrap_or(1);
+        Ok(Self { by_schema: all.into_iter().map(|(id, s)| (s, id)).collect(), next })
+    }
+
+    /// The id of `schema`, registering it in `batch` if new.
+    pub fn intern(&mut self, schema: TableSchema, batch: &mut WriteBatch) -> (u32, Arc<TableSchema>) {
+        if let Some(&id) = self.by_schema.get(&schema) {
+            return (id, Arc::new(schema));
+        }
+        let id = self.next;
+        self.next += 1;
+        batch.register_schema(id, schema.clone());
+        self.by_schema.insert(schema.clone(), id);
+        (id, Arc::new(schema))
+    }
+}
+
+struct Relation {
+    schema_id: u32,
+    schema: Arc<TableSchema>,
+}
+
+/// A transaction being received (non-streamed: the server sends it whole at commit).
+struct OpenTx {
+    commit_lsn: u64,
+    commit_ts_us: i64,
+    xid: u32,
+    ordinal: u64,
+}
+
+pub struct Decoder {
+    pipeline: String,
+    tables: Vec<TableId>,
+    registry: SchemaRegistry,
+    relations: HashMap<u32, Relation>,
+    tx: Option<OpenTx>,
+    /// The streamed transaction whose chunk is being received.
+    stream: Option<u32>,
+    /// Next staging sequence per streamed transaction.
+    stream_seq: HashMap<u32, u64>,
+    toast: ToastResolver,
+    /// The highest LSN safe to acknowledge once the current batch is durable.
+    ack: Option<u64>,
+}
+
+impl Decoder {
+    pub fn new(pipeline: &str, tables: &[TableId], registry: SchemaRegistry) -> Self {
+        Self {
+            pipeline: pipeline.to_string(),
+            tables: tables.to_vec(),
+            registry,
+            relations: HashMap::new(),
+            tx: None,
+            stream: None,
+            stream_seq: HashMap::new(),
+            toast: ToastResolver::default(),
+            ack: None,
+        }
+    }
+
+    /// A position is waiting to be acknowledged with the next flush.
+    pub fn ack_pending(&self) -> bool {
+        self.ack.is_some()
+    }
+
+    pub fn take_ack(&mut self) -> Option<u64> {
+        self.ack.take()
+    }
+
+    pub fn batch_committed(&mut self) {
+        self.toast.batch_committed();
+    }
+
+    pub async fn handle(
+        &mut self,
+        msg: WalMessage,
+        batch: &mut WriteBatch,
+        catalog: &mut Catalog,
+        log: &EmbeddedLog,
+        progress: &SourceProgress,
+    ) -> Result<()> {
+        match msg.message {
+            M::Begin { final_lsn, timestamp, xid } => {
+                self.tx = Some(OpenTx { commit_lsn: final_lsn, commit_ts_us: timestamp + PG_EPOCH_OFFSET_US, xid, ordinal: 0 });
+            }
+            M::Commit { end_lsn, .. } => {
+                if let Some(tx) = self.tx.take().filter(|tx| tx.ordinal > 0) {
+                    progress.last_data_ms.store(now_ms(), Ordering::Release);
+                    progress.last_commit_us.store(tx.commit_ts_us as u64, Ordering::Release);
+                    progress.events.fetch_add(tx.ordinal, Ordering::Relaxed);
+                }
+                self.ack = Some(end_lsn);
+            }
+            M::Relation { relation_id, namespace, relation_name, columns, .. } => {
+                let table = TableId::new(&*namespace, &*relation_name);
+                if !self.tables.contains(&table) {
+                    self.relations.remove(&relation_id);
+                    return Ok(());
+                }
+                let pk = catalog.primary_key_of(relation_id).await?;
+                let cols: Vec<(String, u32, i32)> =
+                    columns.iter().map(|c| (c.name.to_string(), c.type_id, c.type_modifier)).collect();
+                let schema = catalog.schema(table.clone(), &cols, &pk).await?;
+                let (schema_id, schema) = self.registry.intern(schema, batch);
+                if self.relations.get(&relation_id).is_some_and(|r| r.schema_id != schema_id) {
+                    tracing::info!(table = %table, schema_id, "table schema changed");
+                }
+                self.relations.insert(relation_id, Relation { schema_id, schema });
+            }
+            M::Insert { relation_id, tuple } => {
+                self.change(relation_id, Op::Insert, None, Some(tuple), msg.stream_xid, batch, catalog, log).await?;
+            }
+            M::Update { relation_id, old_tuple, new_tuple, .. } => {
+                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.stream_xid, batch, catalog, log).await?;
+            }
+            M::Delete { relation_id, old_tuple, .. } => {
+                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.stream_xid, batch, catalog, log).await?;
+            }
+            M::Truncate { relation_ids, .. } => {
+                for rel in relation_ids {
+                    let Some(r) = self.relations.get(&rel) else { continue };
+                    let (schema_id, schema) = (r.schema_id, r.schema.clone());
+                    self.toast.truncate(&schema.table);
+                    let event = self.event(&schema, schema_id, Op::Truncate, Vec::new(), None, None);
+                    self.emit(event, &schema, schema_id, msg.stream_xid, batch);
+                }
+            }
+            M::StreamStart { xid, .. } => self.stream = Some(xid),
+            M::StreamStop => self.stream = None,
+            M::StreamCommit { xid, commit_lsn, end_lsn, timestamp, .. } => {
+                batch.promote(xid, commit_lsn, timestamp + PG_EPOCH_OFFSET_US);
+                self.toast.promote(xid);
+                self.stream_seq.remove(&xid);
+                self.ack = Some(end_lsn);
+                progress.last_data_ms.store(now_ms(), Ordering::Release);
+            }
+            M::StreamAbort { xid, subtransaction_xid, .. } => {
+                batch.abort(xid, subtransaction_xid);
+                if xid == subtransaction_xid {
+                    self.toast.abort(xid);
+                    self.stream_seq.remove(&xid);
+                }
+            }
+            M::Message { flags, prefix, content, .. } => {
+                let transactional = flags & 1 == 1;
+                if !transactional && self.tx.is_none() {
+                    // Nothing of an open transaction precedes a non-transactional message here,
+                    // so its position is safe to acknowledge once the batch is durable.
+                    self.ack = Some(msg.wal_end);
+                    if prefix == HEARTBEAT_PREFIX {
+                        let text = String::from_utf8_lossy(&content);
+                        if let Some(ms) = text.strip_prefix(&format!("{}:", self.pipeline)).and_then(|t| t.parse().ok()) {
+                            progress.heartbeat_seen_ms.fetch_max(ms, Ordering::AcqRel);
+                        }
+                    }
+                }
+            }
+            M::Type { .. } | M::Origin { .. } => {}
+            other => {
+                return Err(Error::permanent("pgoutput", format!("unexpected message {other:?} (two-phase commit is not enabled)")));
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn change(
+        &mut self,
+        relation_id: u32,
+        op: Op,
+        old: Option<TupleData>,
+        new: Option<TupleData>,
+        stream_xid: Option<u32>,
+        batch: &mut WriteBatch,
+        catalog: &mut Catalog,
+        log: &EmbeddedLog,
+    ) -> Result<()> {
+        let Some(r) = self.relations.get(&relation_id) else { return Ok(()) };
+        let (schema_id, schema) = (r.schema_id, r.schema.clone());
+        let before = old.map(|t| row(&schema, &t)).transpose()?;
+        let after = new.map(|t| row(&schema, &t)).transpose()?;
+        let source = after.as_ref().or(before.as_ref()).expect("a change has a row");
+        let key: Row = schema.key_indexes().into_iter().map(|i| source[i].clone()).collect();
+        // With REPLICA IDENTITY DEFAULT the old row of a delete holds only the key.
+        let before = before.filter(|b| b.iter().enumerate().any(|(i, v)| !schema.columns[i].key && *v != Value::Null));
+        let mut event = self.event(&schema, schema_id, op, key, before, after);
+        self.toast.resolve(&mut event, &schema, self.stream, log, catalog.client()).await?;
+        self.emit(event, &schema, schema_id, stream_xid, batch);
+        Ok(())
+    }
+
+    fn event(&self, schema: &TableSchema, schema_id: u32, op: Op, key: Row, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+        let (position, commit_ts_us, tx_id) = match &self.tx {
+            Some(tx) => (Position::change(tx.commit_lsn, tx.ordinal), tx.commit_ts_us, Some(tx.xid as u64)),
+            // Streamed: position and commit time are assigned when the transaction commits.
+            None => (Position::change(0, 0), 0, self.stream.map(|x| x as u64)),
+        };
+        ChangeEvent {
+            table: schema.table.clone(),
+            schema_id,
+            op,
+            key,
+            before,
+            after,
+            position,
+            commit_ts_us,
+            tx_id,
+            toast_fetched: false,
+        }
+    }
+
+    fn emit(&mut self, event: ChangeEvent, schema: &Arc<TableSchema>, schema_id: u32, stream_xid: Option<u32>, batch: &mut WriteBatch) {
+        batch.uses_schema(schema_id, schema);
+        match (self.stream, &mut self.tx) {
+            (Some(top), _) => {
+                let seq = self.stream_seq.entry(top).or_default();
+                *seq += 1;
+                batch.stage(top, stream_xid.unwrap_or(top), *seq, event);
+            }
+            (None, Some(tx)) => {
+                tx.ordinal += 1;
+                batch.append(event);
+            }
+            (None, None) => batch.append(event),
+        }
+    }
+}
+
+fn row(schema: &TableSchema, tuple: &TupleData) -> Result<Row> {
+    if tuple.columns.len() != schema.columns.len() {
+        return Err(Error::permanent(
+            "pgoutput",
+            format!("{}: row has {} columns, schema has {}", schema.table, tuple.columns.len(), schema.columns.len()),
+        ));
+    }
+    tuple
+        .columns
+        .iter()
+        .zip(&schema.columns)
+        .map(|(c, col)| {
+            if c.is_null() {
+                Ok(Value::Null)
+            } else if c.is_unchanged() {
+                Ok(Value::UnchangedToast)
+            } else {
+                let text = c.as_str().ok_or_else(|| Error::permanent("pgoutput", "value is not text"))?;
+                decode(&col.ty, &text).map_err(|e| Error::permanent(format!("{} column {}", schema.table, col.name), e))
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,300 @@
+//! PostgreSQL source: logical replication with pgoutput, an initial snapshot from the slot's
+//! exported snapshot, and acknowledgement only of what is durable in the log.
+
+mod catalog;
+pub mod client;
+mod decoder;
+mod replication;
+pub mod snapshot;
+mod toast;
+pub mod values;
+
+pub use catalog::Catalog;
+
+use crate::config::{PostgresSourceConfig, SnapshotMode};
+use crate::error::{Error, Result};
+use crate::event::{format_lsn, TableSchema};
+use crate::log::{EmbeddedLog, WriteBatch};
+use crate::runtime::progress::{now_ms, SourceProgress};
+use crate::runtime::Shutdown;
+use decoder::Decoder;
+use replication::ReplicationStream;
+use snapshot::{SnapshotProgress, SnapshotTable, PROGRESS_KEY};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The meta key of the last acknowledged (durable) LSN.
+const ACK_KEY: &str = "pg.ack";
+
+/// A running PostgreSQL source.
+pub struct PostgresSource {
+    cfg: PostgresSourceConfig,
+    pipeline: String,
+    log: EmbeddedLog,
+    progress: Arc<SourceProgress>,
+    shutdown: Shutdown,
+}
+
+impl PostgresSource {
+    pub fn new(cfg: PostgresSourceConfig, pipeline: &str, log: EmbeddedLog, progress: Arc<SourceProgress>, shutdown: Shutdown) -> Self {
+        Self { cfg, pipeline: pipeline.to_string(), log, progress, shutdown }
+    }
+
+    /// Checks the tables and prepares the publication: configuration errors surface here,
+    /// before anything is streamed.
+    pub async fn prepare(&self) -> Result<Catalog> {
+        let client = client::connect(&self.cfg.conn, &format!("sluice {}", self.pipeline)).await?;
+        let mut catalog = Catalog::new(client);
+        let level: String = catalog
+            .client()
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(|e| client::query_error("wal_level", e))?
+            .get(0);
+        if level != "logical" {
+            return Err(Error::config(format!(
+                "{} has wal_level={level}; logical replication needs wal_level=logical (set it and restart PostgreSQL)",
+                self.cfg.conn.display_target()
+            )));
+        }
+        for t in &self.cfg.tables {
+            catalog.table(t).await?;
+        }
+        catalog.ensure_publication(&self.cfg.publication, &self.cfg.tables).await?;
+        Ok(catalog)
+    }
+
+    /// Runs until shutdown, reconnecting after transient failures.
+    pub async fn run(self) -> Result<()> {
+        let mut catalog = self.prepare().await?;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.run_once(&mut catalog).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && !self.shutdown.is_requested() => {
+                    metrics::counter!("sluice_retries_total", "stage" => "source").increment(1);
+                    tracing::warn!(error = %e, retry_in = ?delay, "source interrupted; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.requested() => return Ok(()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    catalog = match self.prepare().await {
+                        Ok(c) => c,
+                        Err(e) if e.is_retryable() || matches!(e, Error::Config(_)) => {
+                            tracing::warn!(error = %e, "reconnect failed");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn run_once(&self, catalog: &mut Catalog) -> Result<()> {
+        let slot_lsn = catalog.slot_position(&self.cfg.slot).await?;
+        let stored_ack = self.log.meta(ACK_KEY).await?.map(|v| postcard::from_bytes::<u64>(&v)).transpose()?;
+        let mut progress: Option<SnapshotProgress> =
+            self.log.meta(PROGRESS_KEY).await?.map(|v| postcard::from_bytes(&v)).transpose()?;
+        if slot_lsn.is_none() && (stored_ack.is_some() || progress.is_some()) {
+            return Err(Error::config(format!(
+                "replication slot {} is gone but {} holds this pipeline's progress: changes made since may be lost. \
+                 Remove the data directory to start over with a new snapshot",
+                self.cfg.slot,
+                self.log.dir().display()
+            )));
+        }
+        self.log.clear_staging().await?;
+        let cancel = self.shutdown.token().child_token();
+        let mut stream = ReplicationStream::connect(&self.cfg.conn, &self.cfg.slot, &self.cfg.publication, false, cancel.clone()).await?;
+        let mut snapshot_client = None;
+        let exported = if slot_lsn.is_none() {
+            let name = stream.create_slot().await?;
+            tracing::info!(slot = %self.cfg.slot, "created replication slot");
+            name
+        } else {
+            None
+        };
+        if self.cfg.snapshot == SnapshotMode::Initial && progress.as_ref().is_none_or(|p| !p.done()) {
+            let p = progress.get_or_insert_with(|| SnapshotProgress::new(&self.cfg.tables, (now_ms() * 1000) as i64));
+            let mut client = client::connect(&self.cfg.conn, "sluice snapshot").await?;
+            match exported {
+                Some(name) => {
+                    let lsn = catalog.slot_position(&self.cfg.slot).await?.unwrap_or(0);
+                    tracing::info!(at = %format_lsn(lsn), "initial snapshot");
+                    self.snapshot(catalog, &mut client, &name, lsn, p).await?;
+                }
+                None => {
+                    // Resuming: the original exported snapshot died with its session. A
+                    // temporary slot exports a new one; its rows sit at its own LSN.
+                    let tmp_slot = format!("{}_resume_{}", self.cfg.slot, std::process::id());
+                    let mut tmp = ReplicationStream::connect(&self.cfg.conn, &tmp_slot, &self.cfg.publication, true, CancellationToken::new()).await?;
+                    let name = tmp.create_slot().await?.ok_or_else(|| Error::permanent("snapshot resume", "no snapshot exported"))?;
+                    let lsn = catalog.slot_position(&tmp_slot).await?.unwrap_or(0);
+                    tracing::info!(at = %format_lsn(lsn), "resuming snapshot");
+                    self.snapshot(catalog, &mut client, &name, lsn, p).await?;
+                    drop(tmp);
+                }
+            }
+            if self.shutdown.is_requested() {
+                return Ok(());
+            }
+            snapshot_client = Some(client);
+        } else if let Some(name) = exported {
+            tracing::debug!(snapshot = %name, "snapshot: never; exported snapshot unused");
+        }
+        drop(snapshot_client);
+        self.progress.snapshot_done.store(true, Ordering::Release);
+        stream.start(stored_ack.unwrap_or(0)).await?;
+        let acked = stored_ack.or(slot_lsn).unwrap_or(0);
+        self.progress.acked_lsn.fetch_max(acked, Ordering::AcqRel);
+        tracing::info!(slot = %self.cfg.slot, from = %format_lsn(acked), "streaming changes");
+        self.stream(catalog, stream, cancel).await
+    }
+
+    async fn snapshot(&self, catalog: &mut Catalog, client: &mut tokio_postgres::Client, name: &str, lsn: u64, progress: &mut SnapshotProgress) -> Result<()> {
+        let mut registry = decoder::SchemaRegistry::load(&self.log).await?;
+        let mut tables = Vec::new();
+        for t in &self.cfg.tables {
+            let info = catalog.table(t).await?;
+            let mut batch = WriteBatch::new();
+            let (id, schema) = registry.intern(info.schema, &mut batch);
+            if !batch.is_empty() {
+                self.log.commit(batch).await?;
+            }
+            tables.push(SnapshotTable { schema, schema_id: id });
+        }
+        snapshot::run(client, name, lsn, &tables, progress, &self.log, self.cfg.snapshot_chunk_rows, &self.shutdown).await
+    }
+
+    /// Decodes the stream into the log until shutdown.
+    async fn stream(&self, catalog: &mut Catalog, mut stream: ReplicationStream, cancel: CancellationToken) -> Result<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
+        let feedback = stream.feedback();
+        // The reader owns the connection; dropping its future mid-read would corrupt the stream,
+        // so it stops only through the cancellation token.
+        let reader = tokio::spawn(async move {
+            loop {
+                match stream.next().await {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+            let _ = stream.flush_feedback().await;
+        });
+        let heartbeat = tokio::spawn(heartbeat(
+            self.cfg.conn.clone(),
+            self.pipeline.clone(),
+            self.cfg.heartbeat,
+            self.progress.clone(),
+            cancel.clone(),
+        ));
+        let mut decoder = Decoder::new(&self.pipeline, &self.cfg.tables, decoder::SchemaRegistry::load(&self.log).await?);
+        let result = async {
+            let mut batch = WriteBatch::new();
+            let mut batch_deadline: Option<tokio::time::Instant> = None;
+            loop {
+                let msg = tokio::select! {
+                    m = rx.recv() => m,
+                    _ = sleep_until(batch_deadline) => {
+                        self.flush(&mut decoder, &mut batch, &feedback).await?;
+                        batch_deadline = None;
+                        continue;
+                    }
+                };
+                let Some(msg) = msg else { break };
+                decoder.handle(msg?, &mut batch, catalog, &self.log, &self.progress).await?;
+                if batch.len() >= 20_000 {
+                    self.flush(&mut decoder, &mut batch, &feedback).await?;
+                    batch_deadline = None;
+                } else if batch_deadline.is_none() && (!batch.is_empty() || decoder.ack_pending()) {
+                    batch_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(20));
+                }
+            }
+            self.flush(&mut decoder, &mut batch, &feedback).await
+        }
+        .await;
+        cancel.cancel();
+        let _ = reader.await;
+        let _ = heartbeat.await;
+        result
+    }
+
+    async fn flush(&self, decoder: &mut Decoder, batch: &mut WriteBatch, feedback: &replication::Feedback) -> Result<()> {
+        let ack = decoder.take_ack();
+        if batch.is_empty() && ack.is_none() {
+            return Ok(());
+        }
+        let mut full = std::mem::take(batch);
+        if let Some(lsn) = ack {
+            full.put_meta(ACK_KEY, postcard::to_allocvec(&lsn)?);
+        }
+        let started = std::time::Instant::now();
+        let events = full.len();
+        self.log.commit(full).await?;
+        metrics::histogram!("sluice_log_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("sluice_events_in_total").increment(events as u64);
+        decoder.batch_committed();
+        if let Some(lsn) = ack {
+            feedback.acknowledge(lsn);
+            self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The prefix of heartbeat messages written into the WAL.
+pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
+
+/// Writes a non-transactional logical message every `every`, so the stream delivers a
+/// position to acknowledge even when no captured table changes, and measures slot lag.
+async fn heartbeat(conn: crate::config::PgConnection, pipeline: String, every: Duration, progress: Arc<SourceProgress>, cancel: CancellationToken) {
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = cancel.cancelled() => return,
+        }
+        if client.is_none() {
+            client = client::connect(&conn, "sluice heartbeat").await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let content = format!("{pipeline}:{}", now_ms());
+        let sql = "SELECT pg_logical_emit_message(false, $1, $2::text)::text, pg_current_wal_lsn()::text";
+        match c.query_one(sql, &[&HEARTBEAT_PREFIX, &content]).await {
+            Ok(row) => {
+                if let Some(lsn) = crate::event::parse_lsn(row.get(1)) {
+                    progress.server_lsn.store(lsn, Ordering::Release);
+                    let lag = lsn.saturating_sub(progress.acked_lsn.load(Ordering::Acquire));
+                    metrics::gauge!("sluice_source_lag_bytes").set(lag as f64);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat failed; reconnecting");
+                client = None;
+            }
+        }
+    }
+}
+
+/// Schemas by table, for the sinks' and status' benefit.
+pub type SchemaMap = std::collections::HashMap<u32, Arc<TableSchema>>;

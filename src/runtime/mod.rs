@@ -1,0 +1,114 @@
+//! Runs a validated pipeline: the source writes to the log, one runner per sink reads from it.
+
+pub mod progress;
+pub mod shutdown;
+pub mod sink;
+mod sink_runner;
+pub mod status;
+
+pub use shutdown::Shutdown;
+
+use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
+use crate::connectors::parquet::ParquetSink;
+use crate::connectors::postgres::PostgresSource;
+use crate::error::{Error, Result};
+use crate::log::EmbeddedLog;
+use progress::{SinkStatus, SourceProgress};
+use sink::Sink;
+use sink_runner::SinkRunner;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Options of `sluice run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Exit once caught up, quiet for this long, and everything durable.
+    pub until_idle: Option<Duration>,
+}
+
+/// Opens the pipeline's log.
+pub fn open_log(pipeline: &Pipeline) -> Result<EmbeddedLog> {
+    let TransportConfig::Embedded { path } = &pipeline.transport;
+    EmbeddedLog::open(path)
+}
+
+/// Runs until `shutdown` (or idle, with `until_idle`); returns the first fatal error.
+pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) -> Result<()> {
+    let log = open_log(&pipeline)?;
+    let source_progress = Arc::new(SourceProgress::default());
+    let SourceConfig::Postgres(pg) = pipeline.source.clone();
+    let source = PostgresSource::new(pg, &pipeline.name, log.clone(), source_progress.clone(), shutdown.clone());
+    // Configuration problems (tables, keys, publication) stop the run before anything starts.
+    source.prepare().await?;
+
+    let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
+    let drain = Arc::new(AtomicBool::new(false));
+    let mut statuses = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for cfg in &pipeline.sinks {
+        let name = cfg.name().to_string();
+        let cursor = log.cursor(&name).await?;
+        let state = log.sink_state(&name).await?;
+        let sink: Box<dyn Sink> = match cfg.clone() {
+            SinkConfig::Parquet(p) => Box::new(ParquetSink::build(p, log.clone(), cursor, state).await?),
+        };
+        let status = Arc::new(Mutex::new(SinkStatus { name: name.clone(), ..Default::default() }));
+        statuses.push(status.clone());
+        let runner = SinkRunner {
+            name: name.clone(),
+            sink,
+            log: log.clone(),
+            all_sinks: sink_names.clone(),
+            shutdown: shutdown.clone(),
+            drain: drain.clone(),
+            status,
+        };
+        tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
+    }
+    tasks.spawn(async move { source.run().await.map_err(|e| ("source".to_string(), e)) });
+    let reporter = status::Reporter::new(pipeline.name.clone(), log.clone(), source_progress.clone(), statuses.clone());
+    let reporter_task = tokio::spawn(reporter.run(shutdown.clone()));
+
+    if let Some(idle) = options.until_idle {
+        let (progress, log, statuses, shutdown, drain) =
+            (source_progress.clone(), log.clone(), statuses.clone(), shutdown.clone(), drain.clone());
+        tokio::spawn(async move {
+            let idle_ms = idle.as_millis() as u64;
+            while !shutdown.is_requested() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let quiet = progress.idle_for(idle_ms);
+                drain.store(quiet, Ordering::Release);
+                let head = log.head();
+                let durable = statuses.iter().all(|s| s.lock().expect("status lock").cursor >= head);
+                if quiet && durable {
+                    tracing::info!(head, "caught up and idle; stopping");
+                    shutdown.request();
+                }
+            }
+        });
+    }
+
+    let mut first_error: Option<Error> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(|e| ("task".to_string(), Error::permanent("runtime", e)));
+        if let Err((who, e)) = outcome.and_then(|r| r) {
+            tracing::error!(task = %who, error = %e, "stopping pipeline");
+            if first_error.is_none() {
+                first_error = Some(match e {
+                    Error::Config(m) => Error::Config(format!("{who}: {m}")),
+                    other => other,
+                });
+            }
+            shutdown.request();
+        } else if !shutdown.is_requested() {
+            // A task that ends on its own (the source after a completed `snapshot` run) stops the rest.
+            shutdown.request();
+        }
+    }
+    let _ = reporter_task.await;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
