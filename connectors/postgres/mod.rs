@@ -148,7 +148,9 @@ impl PostgresSource {
             tracing::debug!(snapshot = %name, "snapshot: never; exported snapshot unused");
         }
         drop(snapshot_client);
-        self.progress.snapshot_done.store(true, Ordering::Release);
+        if !self.progress.snapshot_done.swap(true, Ordering::AcqRel) {
+            self.progress.last_data_ms.store(now_ms(), Ordering::Release);
+        }
         stream.start(stored_ack.unwrap_or(0)).await?;
         let acked = stored_ack.or(slot_lsn).unwrap_or(0);
         self.progress.acked_lsn.fetch_max(acked, Ordering::AcqRel);

@@ -55,9 +55,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Pipeline, ConfigError> {
     validate::validate(path, raw)
 }
 
-/// saphyr renders a snippet under the first line; the location is reported separately.
+/// saphyr renders `error: line N column M: message` and a snippet; the location is reported
+/// separately, so keep only the message.
 fn first_line(rendered: &str) -> String {
-    rendered.lines().next().unwrap_or(rendered).trim().to_string()
+    let line = rendered.lines().next().unwrap_or(rendered).trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+        Some((_, message)) => message.to_string(),
+        None => line.to_string(),
+    }
 }
 
 fn fix_for_parse_error(message: &str) -> String {

@@ -1,5 +1,10 @@
 //! The pipeline file exactly as written: serde structs that reject unknown keys.
 //! Values that validation may reject are `Spanned` so errors can point at them.
+//!
+//! `type` is a spanned enum field of a flat struct rather than a `#[serde(tag = "type")]`
+//! enum: serde buffers a tagged enum's map before choosing the variant, which throws away the
+//! location of every key and value inside it. Validation still dispatches with one `match` on
+//! the type and rejects keys that do not belong to it.
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -16,15 +21,17 @@ pub struct RawPipeline {
     pub metrics: Option<RawMetrics>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawSource {
-    Postgres(RawPostgresSource),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Postgres,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPostgresSource {
+pub struct RawSource {
+    #[serde(rename = "type")]
+    pub kind: Spanned<SourceKind>,
     pub url: Spanned<String>,
     #[serde(default)]
     pub password: Option<Spanned<String>>,
@@ -41,29 +48,33 @@ pub struct RawPostgresSource {
     pub snapshot_chunk_rows: Option<Spanned<u64>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawTransport {
-    Embedded(RawEmbedded),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    Embedded,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEmbedded {
+pub struct RawTransport {
+    #[serde(rename = "type")]
+    pub kind: Spanned<TransportKind>,
     #[serde(default)]
     pub path: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawSink {
-    Parquet(RawParquetSink),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Parquet,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawParquetSink {
+pub struct RawSink {
     pub name: Spanned<String>,
+    #[serde(rename = "type")]
+    pub kind: Spanned<SinkKind>,
     pub url: Spanned<String>,
     #[serde(default)]
     pub s3: Option<RawS3>,

@@ -52,13 +52,16 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
             "use letters, digits, `-` and `_` only (it names the replication slot and the data directory)",
         ));
     }
-    let source = match raw.source {
-        RawSource::Postgres(pg) => SourceConfig::Postgres(postgres_source(&cx, &name, pg)?),
+    let source = match raw.source.kind.value {
+        SourceKind::Postgres => SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?),
     };
+    let default_path = PathBuf::from("data").join(&name);
     let transport = match raw.transport {
-        None => TransportConfig::Embedded { path: PathBuf::from("data").join(&name) },
-        Some(RawTransport::Embedded(e)) => TransportConfig::Embedded {
-            path: e.path.map(|p| PathBuf::from(p.value)).unwrap_or_else(|| PathBuf::from("data").join(&name)),
+        None => TransportConfig::Embedded { path: default_path },
+        Some(t) => match t.kind.value {
+            TransportKind::Embedded => {
+                TransportConfig::Embedded { path: t.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path) }
+            }
         },
     };
     if raw.sinks.value.is_empty() {
@@ -66,8 +69,8 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     }
     let mut sinks = Vec::new();
     for sink in raw.sinks.value {
-        let sink = match sink {
-            RawSink::Parquet(p) => SinkConfig::Parquet(parquet_sink(&cx, p)?),
+        let sink = match sink.kind.value {
+            SinkKind::Parquet => SinkConfig::Parquet(parquet_sink(&cx, sink)?),
         };
         sinks.push(sink);
     }
@@ -90,7 +93,7 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen })
 }
 
-fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawPostgresSource) -> Result<PostgresSourceConfig, ConfigError> {
+fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresSourceConfig, ConfigError> {
     let url_text = cx.resolve("source.url", &raw.url)?;
     let mut conn = parse_pg_url(&url_text).map_err(|m| {
         cx.err(&raw.url, format!("source.url: {m}"), "write it as postgres://user@host:5432/database?sslmode=require")
@@ -186,7 +189,7 @@ pub fn parse_pg_url(text: &str) -> Result<PgConnection, String> {
     })
 }
 
-fn parquet_sink(cx: &Ctx, raw: RawParquetSink) -> Result<ParquetSinkConfig, ConfigError> {
+fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError> {
     let name = raw.name.value.clone();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(cx.err(&raw.name, format!("sink name `{name}` is not valid"), "use letters, digits, `-` and `_`"));

@@ -37,6 +37,8 @@ pub fn open_log(pipeline: &Pipeline) -> Result<EmbeddedLog> {
 pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) -> Result<()> {
     let log = open_log(&pipeline)?;
     let source_progress = Arc::new(SourceProgress::default());
+    // The idle window of `--until-idle` counts from the start, not from the epoch.
+    source_progress.last_data_ms.store(progress::now_ms(), Ordering::Release);
     let SourceConfig::Postgres(pg) = pipeline.source.clone();
     let source = PostgresSource::new(pg, &pipeline.name, log.clone(), source_progress.clone(), shutdown.clone());
     // Configuration problems (tables, keys, publication) stop the run before anything starts.

@@ -1,0 +1,131 @@
+//! A bad pipeline file, a missing secret, a table without a primary key and an unreachable
+//! server each stop sluice with a clear message and exit code 2, before anything moves.
+
+mod support;
+
+use std::path::Path;
+use support::{sluice, TestDb};
+
+fn write(dir: &Path, yaml: &str) -> std::path::PathBuf {
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Runs `sluice validate` and returns (exit code, stderr).
+fn validate(path: &Path) -> (i32, String) {
+    let out = sluice(&["validate", path.to_str().unwrap()], path.parent().unwrap());
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+const GOOD: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
+
+#[test]
+fn a_valid_file_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["validate", write(dir.path(), GOOD).to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok: pipeline ok"), "{stdout}");
+    assert!(stdout.contains("sink lake: parquet file:///tmp/lake/"), "{stdout}");
+}
+
+#[test]
+fn unknown_key_names_file_line_column_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &GOOD.replace("  tables: [public.t]\n", "  tables: [public.t]\n  tabels: [x]\n"));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{}:6:3:", path.display())), "{err}");
+    assert!(err.contains("unknown field `tabels`"), "{err}");
+    assert!(err.contains("fix: remove the key or correct its spelling"), "{err}");
+}
+
+#[test]
+fn wrong_value_points_at_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &GOOD.replace("url: file:///tmp/lake/\n", "url: file:///tmp/lake/\n    roll: { max_age: soon }\n"));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{}:10:22: roll.max_age: `soon` is not a duration", path.display())), "{err}");
+    assert!(err.contains("fix: write it like 500ms, 5s, 2m or 1h"), "{err}");
+}
+
+#[test]
+fn bad_table_name_and_unknown_sink_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = validate(&write(dir.path(), &GOOD.replace("[public.t]", "[a.b.c]")));
+    assert_eq!(code, 2);
+    assert!(err.contains(":5:12: source.tables: `a.b.c` is not a table name"), "{err}");
+    let (code, err) = validate(&write(dir.path(), &GOOD.replace("type: parquet", "type: parqet")));
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown variant `parqet`"), "{err}");
+    assert!(err.contains(":8:11: unknown variant"), "{err}");
+}
+
+#[test]
+fn malformed_yaml_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = validate(&write(dir.path(), "name: x\nsource: [unclosed\n"));
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.yaml:"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+}
+
+#[test]
+fn missing_secret_is_named_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = GOOD.replace("postgres://cdc@127.0.0.1/cdc", "postgres://cdc:${env:SLUICE_TEST_NO_SUCH_VAR}@127.0.0.1/cdc");
+    let (code, err) = validate(&write(dir.path(), &yaml));
+    assert_eq!(code, 2);
+    assert!(err.contains(":4:8: source.url: environment variable SLUICE_TEST_NO_SUCH_VAR is not set"), "{err}");
+    assert!(err.contains("fix: export SLUICE_TEST_NO_SUCH_VAR="), "{err}");
+
+    // A resolved secret appears nowhere in validate's output.
+    let path = write(dir.path(), &yaml.replace("SLUICE_TEST_NO_SUCH_VAR", "SLUICE_TEST_SECRET_PW"));
+    let out = std::process::Command::new(support::sluice_bin())
+        .args(["validate", path.to_str().unwrap()])
+        .env("SLUICE_TEST_SECRET_PW", "hunter2-very-secret")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains("hunter2"), "{all}");
+}
+
+#[tokio::test]
+async fn table_without_primary_key_is_refused() {
+    let db = TestDb::new("nopk").await;
+    db.client.batch_execute("CREATE TABLE logs (at timestamptz, line text)").await.unwrap();
+    let file = db.pipeline_file(&["public.logs"], "", "");
+    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("table public.logs has no primary key"), "{err}");
+    assert!(err.contains("ADD PRIMARY KEY"), "{err}");
+    assert!(!db.data_dir().join("lake").exists());
+}
+
+#[tokio::test]
+async fn missing_table_is_refused() {
+    let db = TestDb::new("notable").await;
+    let file = db.pipeline_file(&["public.nowhere"], "", "");
+    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("table public.nowhere does not exist"), "{err}");
+}
+
+#[test]
+fn unreachable_server_fails_fast_and_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let path = write(dir.path(), &GOOD.replace("127.0.0.1/cdc", "127.0.0.1:1/cdc"));
+    let started = std::time::Instant::now();
+    let out = sluice(&["run", path.to_str().unwrap()], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot connect to cdc@127.0.0.1:1/cdc"), "{err}");
+    assert!(err.contains("is the server running and reachable?"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

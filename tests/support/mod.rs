@@ -1,0 +1,196 @@
+//! Shared helpers for the integration tests: real PostgreSQL, a fresh database per test, the
+//! real `sluice` binary, and a changelog reader that replays Parquet files in position order.
+#![allow(dead_code)]
+
+pub mod lake;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+/// The server the services script starts; override with SLUICE_TEST_PG_HOST/PORT.
+pub fn pg_host() -> String {
+    std::env::var("SLUICE_TEST_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+pub fn pg_port() -> u16 {
+    std::env::var("SLUICE_TEST_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432)
+}
+
+pub const PG_USER: &str = "cdc";
+pub const PG_PASSWORD: &str = "cdc";
+
+pub async fn connect(db: &str) -> Client {
+    let conn = format!("host={} port={} user={PG_USER} password={PG_PASSWORD} dbname={db}", pg_host(), pg_port());
+    let (client, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap_or_else(|e| {
+        panic!("cannot reach PostgreSQL at {}:{} ({e}); run scripts/services.sh first", pg_host(), pg_port())
+    });
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of its own for one test, dropped (with the test's slots) when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn new(test: &str) -> Self {
+        let name = format!("t_{test}_{}", std::process::id());
+        let admin = connect("cdc").await;
+        drop_db(&admin, &name).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let client = connect(&name).await;
+        Self { name, client, dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// The pipeline name (and so slot name) this test uses.
+    pub fn pipeline(&self) -> String {
+        self.name.clone()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://{PG_USER}:{PG_PASSWORD}@{}:{}/{}?sslmode=disable", pg_host(), pg_port(), self.name)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn lake_dir(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+
+    /// Writes a pipeline file capturing `tables` into a file:// lake; `extra_source` and
+    /// `extra_sink` are YAML lines added to the source and sink blocks.
+    pub fn pipeline_file(&self, tables: &[&str], extra_source: &str, extra_sink: &str) -> PathBuf {
+        let yaml = format!(
+            "name: {name}\nsource:\n  type: postgres\n  url: {url}\n  tables: [{tables}]\n  heartbeat: 200ms\n  snapshot_chunk_rows: 500\n{extra_source}\
+             transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n    roll: {{ max_rows: 2000, max_age: 1s }}\n{extra_sink}",
+            name = self.pipeline(),
+            url = self.url(),
+            tables = tables.join(", "),
+            data = self.data_dir().display(),
+            lake = self.lake_dir().display(),
+        );
+        let path = self.dir.path().join("pipeline.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Best effort, on a fresh runtime: the test's runtime may be gone.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let admin = connect("cdc").await;
+                drop_db(&admin, &name).await;
+            })
+        })
+        .join();
+    }
+}
+
+async fn drop_db(admin: &Client, name: &str) {
+    let _ = admin
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+            &[&name],
+        )
+        .await;
+    let _ = admin
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&name])
+        .await;
+    let _ = admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&name]).await;
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+}
+
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// Runs `sluice ARGS` to completion.
+pub fn sluice(args: &[&str], cwd: &Path) -> Output {
+    Command::new(sluice_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info,sluice=debug")
+        .output()
+        .expect("sluice runs")
+}
+
+/// `sluice run FILE --until-idle 1s`, asserting success; returns stderr.
+pub fn run_until_idle(file: &Path) -> String {
+    let out = sluice(&["run", file.to_str().unwrap(), "--until-idle", "1s"], file.parent().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "sluice run failed ({}):\n{stderr}", out.status);
+    stderr
+}
+
+/// A `sluice run` in the background.
+pub struct Running(pub Child);
+
+impl Running {
+    pub fn start(file: &Path) -> Self {
+        let log = std::fs::File::create(file.with_extension(format!("log.{}", Instant::now().elapsed().as_nanos()))).unwrap();
+        let child = Command::new(sluice_bin())
+            .args(["run", file.to_str().unwrap()])
+            .current_dir(file.parent().unwrap())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Running(child)
+    }
+
+    /// SIGKILL: no chance to drain or checkpoint.
+    pub fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The slot's confirmed flush LSN as a number.
+pub async fn slot_confirmed(client: &Client, slot: &str) -> Option<u64> {
+    let row = client
+        .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .unwrap()?;
+    row.get::<_, Option<i64>>(0).map(|v| v as u64)
+}
