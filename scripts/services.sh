@@ -92,6 +92,9 @@ wal_level = logical
 max_replication_slots = 64
 max_wal_senders = 64
 max_connections = 200
+# Stream transactions over 64 kB to sluice while in progress (pgoutput protocol v2), so the
+# tests exercise that path with small transactions.
+logical_decoding_work_mem = 64kB
 listen_addresses = '127.0.0.1'
 port = 5432
 ssl = on

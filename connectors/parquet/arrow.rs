@@ -6,7 +6,7 @@ use crate::event::{ChangeEvent, ColumnType, Op, TableSchema, Value};
 use arrow::array::*;
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{i256, DataType, Field, Fields, Schema, TimeUnit};
-use std::collections::HashMap;
+use arrow_schema::extension;
 use std::sync::Arc;
 
 /// The metadata columns every changelog file carries, after the table's own columns.
@@ -26,16 +26,13 @@ pub fn arrow_schema(schema: &TableSchema, numeric: NumericPolicy) -> Arc<Schema>
 }
 
 fn field(name: &str, ty: &ColumnType, numeric: NumericPolicy) -> Field {
+    // Canonical extension types become Parquet's JSON and UUID logical types.
     let f = Field::new(name, data_type(ty, numeric), true);
     match ty {
-        ColumnType::Json => f.with_metadata(extension("arrow.json")),
-        ColumnType::Uuid => f.with_metadata(extension("arrow.uuid")),
+        ColumnType::Json => f.with_extension_type(extension::Json::default()),
+        ColumnType::Uuid => f.with_extension_type(extension::Uuid),
         _ => f,
     }
-}
-
-fn extension(name: &str) -> HashMap<String, String> {
-    HashMap::from([("ARROW:extension:name".to_string(), name.to_string())])
 }
 
 fn data_type(ty: &ColumnType, numeric: NumericPolicy) -> DataType {

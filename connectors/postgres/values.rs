@@ -1,8 +1,9 @@
 //! PostgreSQL text-format values to [`Value`]s.
 //!
-//! Both pgoutput (text mode) and the snapshot's `COPY` produce the server's text output, with
-//! session settings pinned by [`SESSION_OPTIONS`] so the text is unambiguous: ISO dates, UTC,
-//! ISO 8601 intervals and shortest-exact floats.
+//! Both pgoutput (text mode) and the snapshot's `COPY` produce the server's text output.
+//! Sessions sluice opens ask for ISO dates, UTC, ISO 8601 intervals and shortest-exact floats
+//! ([`SESSION_OPTIONS`]), but a walsender may run with the server's defaults, so the parsers
+//! also accept offsets other than UTC and the `postgres` interval style.
 
 use crate::event::{ColumnType, Interval, Value};
 use chrono::{NaiveDate, NaiveTime};
@@ -51,7 +52,9 @@ pub fn decode(ty: &ColumnType, text: &str) -> Result<Value, String> {
         }
         ColumnType::Timestamp => Value::Timestamp(parse_timestamp(text).ok_or_else(|| bad("timestamp"))?),
         ColumnType::TimestampTz => Value::TimestampTz(parse_timestamptz(text).ok_or_else(|| bad("timestamptz"))?),
-        ColumnType::Interval => Value::Interval(parse_interval(text).ok_or_else(|| bad("interval (ISO 8601)"))?),
+        ColumnType::Interval => Value::Interval(
+            parse_interval(text).or_else(|| parse_postgres_interval(text)).ok_or_else(|| bad("interval"))?,
+        ),
         ColumnType::Array(elem) => parse_array(elem, text)?,
     })
 }
@@ -179,6 +182,36 @@ fn parse_interval(text: &str) -> Option<Interval> {
     Some(iv)
 }
 
+/// The `postgres` interval style: `1 year 2 mons -3 days +04:05:06.000007`, `-00:00:01.5`.
+fn parse_postgres_interval(text: &str) -> Option<Interval> {
+    let mut iv = Interval { months: 0, days: 0, micros: 0 };
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word.contains(':') {
+            let (neg, hms) = match word.as_bytes()[0] {
+                b'-' => (true, &word[1..]),
+                b'+' => (false, &word[1..]),
+                _ => (false, word),
+            };
+            let mut parts = hms.splitn(3, ':');
+            let h: i64 = parts.next()?.parse().ok()?;
+            let m: i64 = parts.next()?.parse().ok()?;
+            let s = parse_seconds_micros(parts.next().unwrap_or("0"))?;
+            let micros = h * 3_600_000_000 + m * 60_000_000 + s;
+            iv.micros += if neg { -micros } else { micros };
+            continue;
+        }
+        let n: i64 = word.parse().ok()?;
+        match words.next()?.trim_end_matches('s') {
+            "year" => iv.months += (n * 12) as i32,
+            "mon" => iv.months += n as i32,
+            "day" => iv.days += n as i32,
+            _ => return None,
+        }
+    }
+    Some(iv)
+}
+
 fn fields(text: &str) -> Option<Vec<(&str, char)>> {
     let mut out = Vec::new();
     let mut start = 0;
@@ -293,6 +326,10 @@ mod tests {
         assert_eq!(decode(&ColumnType::Interval, "P1Y-2M3DT4H5M6.000007S").unwrap(), iv(10, 3, 14_706_000_007));
         assert_eq!(decode(&ColumnType::Interval, "PT-0.5S").unwrap(), iv(0, 0, -500_000));
         assert_eq!(decode(&ColumnType::Interval, "PT0S").unwrap(), iv(0, 0, 0));
+        assert_eq!(decode(&ColumnType::Interval, "1 year 2 mons -3 days +04:05:06.000007").unwrap(), iv(14, -3, 14_706_000_007));
+        assert_eq!(decode(&ColumnType::Interval, "-00:00:01.5").unwrap(), iv(0, 0, -1_500_000));
+        assert_eq!(decode(&ColumnType::Interval, "1 day").unwrap(), iv(0, 1, 0));
+        assert_eq!(decode(&ColumnType::Interval, "00:00:00").unwrap(), iv(0, 0, 0));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Reads a file:// lake back with the `parquet` crate and replays each table's changelog.
 
 use arrow::array::{Array, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::BTreeMap;
@@ -48,12 +50,21 @@ pub fn changelog(lake: &Path, table: &str) -> Vec<ChangeRow> {
             let op = batch.column_by_name("_sluice_op").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
             let pos = batch.column_by_name("_sluice_position").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
             let opts = FormatOptions::default();
+            // Display of a named zone needs a tz database; the instant is what is compared.
+            let zoneless: Vec<arrow::array::ArrayRef> = batch
+                .columns()
+                .iter()
+                .map(|c| match c.data_type() {
+                    DataType::Timestamp(unit, Some(_)) => cast(c, &DataType::Timestamp(*unit, None)).unwrap(),
+                    _ => c.clone(),
+                })
+                .collect();
             let formatters: Vec<(String, ArrayFormatter)> = schema
                 .fields()
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| !f.name().starts_with("_sluice_"))
-                .map(|(i, f)| (f.name().clone(), ArrayFormatter::try_new(batch.column(i).as_ref(), &opts).unwrap()))
+                .map(|(i, f)| (f.name().clone(), ArrayFormatter::try_new(zoneless[i].as_ref(), &opts).unwrap()))
                 .collect();
             for r in 0..batch.num_rows() {
                 let mut columns = BTreeMap::new();

@@ -52,6 +52,24 @@ impl TestDb {
         self.name.clone()
     }
 
+    /// The replication slot sluice creates for this test's pipeline.
+    pub fn slot(&self) -> String {
+        format!("sluice_{}", self.name)
+    }
+
+    /// Waits until the pipeline has finished its snapshot and streams, so later writes are
+    /// captured as changes rather than read by the snapshot.
+    pub async fn await_streaming(&self) {
+        let status = self.data_dir().join("status.json");
+        eventually("the pipeline to stream", Duration::from_secs(60), || async {
+            let raw = std::fs::read(&status).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+            v["snapshot_done"].as_bool().filter(|d| *d)?;
+            slot_confirmed(&self.client, &self.slot()).await
+        })
+        .await;
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://{PG_USER}:{PG_PASSWORD}@{}:{}/{}?sslmode=disable", pg_host(), pg_port(), self.name)
     }
@@ -65,11 +83,13 @@ impl TestDb {
     }
 
     /// Writes a pipeline file capturing `tables` into a file:// lake; `extra_source` and
-    /// `extra_sink` are YAML lines added to the source and sink blocks.
+    /// `extra_sink` are YAML lines added to the source and sink blocks (a `roll:` line in
+    /// `extra_sink` replaces the default one).
     pub fn pipeline_file(&self, tables: &[&str], extra_source: &str, extra_sink: &str) -> PathBuf {
+        let roll = if extra_sink.contains("roll:") { "" } else { "    roll: { max_rows: 2000, max_age: 1s }\n" };
         let yaml = format!(
             "name: {name}\nsource:\n  type: postgres\n  url: {url}\n  tables: [{tables}]\n  heartbeat: 200ms\n  snapshot_chunk_rows: 500\n{extra_source}\
-             transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n    roll: {{ max_rows: 2000, max_age: 1s }}\n{extra_sink}",
+             transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n{roll}{extra_sink}",
             name = self.pipeline(),
             url = self.url(),
             tables = tables.join(", "),

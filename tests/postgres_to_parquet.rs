@@ -1,0 +1,301 @@
+//! PostgreSQL to Parquet through the embedded log, against the real server.
+
+mod support;
+
+use arrow::array::*;
+use arrow::datatypes::{i256, DataType};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::lake::{batches, changelog, duplicate_positions, files, replay};
+use support::{eventually, run_until_idle, slot_confirmed, Running, TestDb};
+
+const ALL_TYPES: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE all_types (
+  id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4, f8 float8,
+  n_bounded numeric(12,3), n_wide numeric(60,10), n_free numeric,
+  t text, vc varchar(10), bp char(3), by bytea, j json, jb jsonb, j_null jsonb,
+  u uuid, d date, tm time, tmtz timetz, ts timestamp, tstz timestamptz, iv interval,
+  arr_i int4[], arr_t text[], e mood, ip inet
+);";
+
+const ROW: &str = "true, -32768, 2147483647, 9223372036854775807, 1.5, 3.141592653589793,
+  12345.678, 12345678901234567890123456789012345678901234567890.0123456789,
+  123456789012345678901234567890.123456789012345678901234567890,
+  'héllo\tworld\n', 'short', 'ab', '\\x00ff10', '{\"a\": [1, 2.50]}', '{\"b\": null}', 'null',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29', '23:59:59.999999', '10:00:00-03:30',
+  '2024-02-29 12:34:56.123456', '2024-02-29 12:34:56.654321+02', '1 year 2 mons -3 days 04:05:06.000007',
+  '{1,NULL,3}', '{\"a b\",\"c\\\"d\",NULL}', 'happy', '192.168.0.1/24'";
+
+fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
+    batch.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_any().downcast_ref::<T>().unwrap()
+}
+
+/// Asserts the exact typed values of row `r` (the ROW literal above).
+fn assert_row(batch: &RecordBatch, r: usize) {
+    assert!(col::<BooleanArray>(batch, "b").value(r));
+    assert_eq!(col::<Int16Array>(batch, "i2").value(r), -32768);
+    assert_eq!(col::<Int32Array>(batch, "i4").value(r), 2147483647);
+    assert_eq!(col::<Int64Array>(batch, "i8").value(r), 9223372036854775807);
+    assert_eq!(col::<Float32Array>(batch, "f4").value(r), 1.5);
+    assert_eq!(col::<Float64Array>(batch, "f8").value(r), 3.141592653589793);
+    let nb = col::<Decimal128Array>(batch, "n_bounded");
+    assert_eq!((nb.value(r), nb.precision(), nb.scale()), (12345678, 12, 3));
+    let nw = col::<Decimal256Array>(batch, "n_wide");
+    assert_eq!((nw.precision(), nw.scale()), (60, 10));
+    assert_eq!(nw.value(r), i256::from_string("123456789012345678901234567890123456789012345678900123456789").unwrap());
+    assert_eq!(col::<StringArray>(batch, "n_free").value(r), "123456789012345678901234567890.123456789012345678901234567890");
+    assert_eq!(col::<StringArray>(batch, "t").value(r), "héllo\tworld\n");
+    assert_eq!(col::<StringArray>(batch, "vc").value(r), "short");
+    assert_eq!(col::<StringArray>(batch, "bp").value(r), "ab ");
+    assert_eq!(col::<BinaryArray>(batch, "by").value(r), &[0x00, 0xff, 0x10]);
+    assert_eq!(col::<StringArray>(batch, "j").value(r), "{\"a\": [1, 2.50]}");
+    assert_eq!(col::<StringArray>(batch, "jb").value(r), "{\"b\": null}");
+    // JSON null is a value, not SQL NULL.
+    let j_null = col::<StringArray>(batch, "j_null");
+    assert!(!j_null.is_null(r));
+    assert_eq!(j_null.value(r), "null");
+    assert_eq!(
+        col::<FixedSizeBinaryArray>(batch, "u").value(r),
+        uuid::Uuid::parse_str("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap().as_bytes()
+    );
+    assert_eq!(col::<Date32Array>(batch, "d").value(r), 19782);
+    assert_eq!(col::<Time64MicrosecondArray>(batch, "tm").value(r), 86_399_999_999);
+    assert_eq!(col::<StringArray>(batch, "tmtz").value(r), "10:00:00.000000-03:30");
+    assert_eq!(col::<TimestampMicrosecondArray>(batch, "ts").value(r), 1_709_210_096_123_456);
+    assert_eq!(col::<TimestampMicrosecondArray>(batch, "tstz").value(r), 1_709_202_896_654_321);
+    let iv = col::<StructArray>(batch, "iv");
+    assert_eq!(iv.column(0).as_any().downcast_ref::<Int32Array>().unwrap().value(r), 14);
+    assert_eq!(iv.column(1).as_any().downcast_ref::<Int32Array>().unwrap().value(r), -3);
+    assert_eq!(iv.column(2).as_any().downcast_ref::<Int64Array>().unwrap().value(r), 14_706_000_007);
+    let arr_i = col::<ListArray>(batch, "arr_i").value(r);
+    let arr_i = arr_i.as_any().downcast_ref::<Int32Array>().unwrap();
+    assert_eq!(arr_i.iter().collect::<Vec<_>>(), vec![Some(1), None, Some(3)]);
+    let arr_t = col::<ListArray>(batch, "arr_t").value(r);
+    let arr_t = arr_t.as_any().downcast_ref::<StringArray>().unwrap();
+    assert_eq!(arr_t.iter().collect::<Vec<_>>(), vec![Some("a b"), Some("c\"d"), None]);
+    assert_eq!(col::<StringArray>(batch, "e").value(r), "happy");
+    assert_eq!(col::<StringArray>(batch, "ip").value(r), "192.168.0.1/24");
+}
+
+#[tokio::test]
+async fn every_type_round_trips_exactly_from_snapshot_and_stream() {
+    let db = TestDb::new("types").await;
+    db.client.batch_execute(ALL_TYPES).await.unwrap();
+    db.client.batch_execute(&format!("INSERT INTO all_types VALUES (1, {ROW}); INSERT INTO all_types (id) VALUES (2);")).await.unwrap();
+    let file = db.pipeline_file(&["public.all_types"], "", "");
+    run_until_idle(&file);
+    db.client.batch_execute(&format!("INSERT INTO all_types VALUES (3, {ROW})")).await.unwrap();
+    run_until_idle(&file);
+
+    let rows = changelog(&db.lake_dir(), "public.all_types");
+    let ops: Vec<(&str, &str)> = rows.iter().map(|r| (r.op.as_str(), r.columns["id"].as_deref().unwrap())).collect();
+    assert_eq!(ops, vec![("read", "1"), ("read", "2"), ("insert", "3")]);
+    let mut seen = 0;
+    for f in files(&db.lake_dir(), "public.all_types") {
+        for batch in batches(&f) {
+            let ids = col::<Int32Array>(&batch, "id");
+            for r in 0..batch.num_rows() {
+                if ids.value(r) == 2 {
+                    // Every column of the all-NULL row is NULL, JSON included.
+                    for (i, field) in batch.schema().fields().iter().enumerate() {
+                        if field.name() != "id" && !field.name().starts_with("_sluice_") {
+                            assert!(batch.column(i).is_null(r), "{} should be NULL", field.name());
+                        }
+                    }
+                } else {
+                    assert_row(&batch, r);
+                    seen += 1;
+                }
+            }
+            let schema = batch.schema();
+            assert_eq!(schema.field_with_name("tstz").unwrap().data_type(), &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())));
+            assert_eq!(schema.field_with_name("_sluice_commit_ts").unwrap().data_type(), &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())));
+        }
+    }
+    assert_eq!(seen, 2, "the snapshot row and the streamed row");
+
+    // An independent reader (pyarrow and DuckDB) sees the same values and logical types.
+    let python = format!("{}/venv/bin/python", std::env::var("SLUICE_SERVICES").unwrap_or_else(|_| "/var/tmp/sluice-services".into()));
+    let script = r#"
+import sys, json, glob, duckdb, pyarrow.parquet as pq
+files = sorted(glob.glob(sys.argv[1] + '/public.all_types/*/*.parquet'))
+t = pq.read_table(files).sort_by('id').to_pylist()
+r = t[0]
+print(json.dumps({
+  'n_bounded': str(r['n_bounded']), 'n_wide': str(r['n_wide']), 'n_free': r['n_free'],
+  'tstz': r['tstz'].isoformat(), 'ts': r['ts'].isoformat(), 'd': r['d'].isoformat(), 'tm': r['tm'].isoformat(),
+  'u': str(r['u']) if not isinstance(r['u'], bytes) else r['u'].hex(), 'j_null': r['j_null'], 'arr_t': r['arr_t'],
+  'json_logical': str(pq.ParquetFile(files[0]).schema.column(14).logical_type),
+  'duck': duckdb.sql("select count(*), sum(i4), max(n_bounded)::varchar from read_parquet('%s/public.all_types/*/*.parquet')" % sys.argv[1]).fetchall()[0],
+}))
+"#;
+    let out = std::process::Command::new(&python).arg("-c").arg(script).arg(db.lake_dir()).output().expect("python from scripts/services.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n_bounded"], "12345.678");
+    assert_eq!(v["n_wide"], "12345678901234567890123456789012345678901234567890.0123456789");
+    assert_eq!(v["n_free"], "123456789012345678901234567890.123456789012345678901234567890");
+    assert_eq!(v["tstz"], "2024-02-29T10:34:56.654321+00:00");
+    assert_eq!(v["ts"], "2024-02-29T12:34:56.123456");
+    assert_eq!(v["d"], "2024-02-29");
+    assert_eq!(v["tm"], "23:59:59.999999");
+    assert_eq!(v["j_null"], "null");
+    assert_eq!(v["arr_t"], serde_json::json!(["a b", "c\"d", null]));
+    assert!(v["json_logical"].as_str().unwrap().contains("JSON"), "{}", v["json_logical"]);
+    assert_eq!(v["duck"], serde_json::json!([3, 4294967294i64, "12345.678"]));
+}
+
+/// The table as text, keyed by id, for comparison with a replayed changelog.
+async fn table_state(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+    let rows = client.simple_query(sql).await.unwrap();
+    let mut out = BTreeMap::new();
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            let mut cols = BTreeMap::new();
+            for (i, c) in row.columns().iter().enumerate() {
+                cols.insert(c.name().to_string(), row.get(i).map(str::to_string));
+            }
+            out.insert(cols["id"].clone().unwrap(), cols);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn random_workload_with_toast_replays_to_the_final_table() {
+    let db = TestDb::new("workload").await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, version int NOT NULL, val text, big text, amount numeric(20,4));
+         INSERT INTO items SELECT g, 1, 'v' || g, CASE WHEN g % 3 = 0 THEN repeat(md5(g::text), 300) END, g * 1.5
+           FROM generate_series(1, 300) g;",
+    )
+    .await
+    .unwrap();
+    let file = db.pipeline_file(&["public.items"], "", "");
+    let running = Running::start(&file);
+    db.await_streaming().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut next_id = 301;
+    for round in 0..60 {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.random_range(1..8) {
+            let id = rng.random_range(1..next_id);
+            match rng.random_range(0..10) {
+                0..=2 => {
+                    sql += &format!("INSERT INTO items VALUES ({next_id}, 1, 'n{next_id}', repeat('z', {}), {});", rng.random_range(0..5000), rng.random_range(0..100000));
+                    next_id += 1;
+                }
+                // Updates that leave the TOASTed column alone.
+                3..=6 => sql += &format!("UPDATE items SET version = version + 1, val = 'u{round}' WHERE id = {id};"),
+                7 => sql += &format!("UPDATE items SET version = version + 1, big = repeat(md5('{round}'), 200) WHERE id = {id};"),
+                8 => sql += &format!("UPDATE items SET version = version + 1, amount = amount + 0.0001 WHERE id = {id};"),
+                _ => sql += &format!("DELETE FROM items WHERE id = {id};"),
+            }
+        }
+        // Now and then: a savepoint rolled back, and a whole transaction rolled back.
+        if round % 7 == 0 {
+            sql += "SAVEPOINT s; UPDATE items SET val = 'never' WHERE id % 2 = 0; ROLLBACK TO SAVEPOINT s;";
+        }
+        sql += if round % 11 == 5 { "ROLLBACK;" } else { "COMMIT;" };
+        c.batch_execute(&sql).await.unwrap();
+    }
+    // A transaction large enough to be streamed while in progress (protocol v2).
+    c.batch_execute("UPDATE items SET version = version + 1, val = repeat('L', 200) WHERE id <= 250").await.unwrap();
+    assert!(running.terminate().success());
+    run_until_idle(&file);
+
+    let rows = changelog(&db.lake_dir(), "public.items");
+    assert!(duplicate_positions(&rows).is_empty(), "duplicates: {:?}", duplicate_positions(&rows));
+    let expected = table_state(c, "SELECT id, version, val, big, amount FROM items").await;
+    let actual = replay(&rows, "id");
+    assert_eq!(actual.len(), expected.len());
+    for (id, row) in &expected {
+        assert_eq!(actual.get(id), Some(row), "row {id}");
+    }
+    // No value had to be fetched from the source: every one was known since the snapshot.
+    for f in files(&db.lake_dir(), "public.items") {
+        for b in batches(&f) {
+            assert_eq!(col::<BooleanArray>(&b, "_sluice_toast_fetched").true_count(), 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn schema_changes_mid_stream_start_new_files() {
+    let db = TestDb::new("ddl").await;
+    let c = &db.client;
+    c.batch_execute("CREATE TABLE s (id int PRIMARY KEY, a text, b int); INSERT INTO s VALUES (1, 'x', 1);").await.unwrap();
+    let file = db.pipeline_file(&["public.s"], "", "    roll: { max_rows: 1000, max_age: 1h }\n");
+    let running = Running::start(&file);
+    db.await_streaming().await;
+    c.batch_execute(
+        "INSERT INTO s VALUES (2, 'y', 2), (5, 'y', 5);
+         ALTER TABLE s ADD COLUMN c jsonb; INSERT INTO s VALUES (3, 'z', 3, '{\"k\": 1}'), (6, 'z', 6, NULL);
+         ALTER TABLE s DROP COLUMN a; UPDATE s SET b = 20 WHERE id IN (2, 5);
+         ALTER TABLE s ALTER COLUMN b TYPE bigint; INSERT INTO s VALUES (4, 4, 'null'), (7, 7, NULL);",
+    )
+    .await
+    .unwrap();
+    assert!(running.terminate().success());
+    run_until_idle(&file);
+    let rows = changelog(&db.lake_dir(), "public.s");
+    let summary: Vec<(String, String, Vec<String>)> = rows
+        .iter()
+        .map(|r| (r.op.clone(), r.columns["id"].clone().unwrap(), r.columns.keys().cloned().collect()))
+        .collect();
+    let row = |op: &str, id: &str, c: &[&str]| (op.to_string(), id.to_string(), c.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        summary,
+        vec![
+            row("read", "1", &["a", "b", "id"]),
+            row("insert", "2", &["a", "b", "id"]),
+            row("insert", "5", &["a", "b", "id"]),
+            row("insert", "3", &["a", "b", "c", "id"]),
+            row("insert", "6", &["a", "b", "c", "id"]),
+            row("update", "2", &["b", "c", "id"]),
+            row("update", "5", &["b", "c", "id"]),
+            row("insert", "4", &["b", "c", "id"]),
+            row("insert", "7", &["b", "c", "id"]),
+        ]
+    );
+    // One file per schema version, each holding both of its changes.
+    let change_files: Vec<usize> = files(&db.lake_dir(), "public.s")
+        .iter()
+        .map(|f| batches(f).iter().map(|b| b.num_rows()).sum::<usize>())
+        .collect();
+    assert_eq!(change_files, vec![1, 2, 2, 2, 2], "rows per file, in name order");
+    let last = batches(files(&db.lake_dir(), "public.s").last().unwrap()).remove(0);
+    assert_eq!(last.schema().field_with_name("b").unwrap().data_type(), &DataType::Int64);
+    assert_eq!(col::<StringArray>(&last, "c").value(0), "null");
+    assert!(col::<StringArray>(&last, "c").is_null(1));
+}
+
+#[tokio::test]
+async fn an_idle_publication_does_not_pin_wal_while_another_database_writes() {
+    let db = TestDb::new("idle").await;
+    db.client.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)").await.unwrap();
+    let file = db.pipeline_file(&["public.quiet"], "", "");
+    let running = Running::start(&file);
+    db.await_streaming().await;
+    let slot = db.slot();
+    // Another database writes a lot of WAL; nothing of it is in the publication.
+    let other = TestDb::new("idle_other").await;
+    other.client.batch_execute("CREATE TABLE noise (id int, pad text); INSERT INTO noise SELECT g, repeat('n', 200) FROM generate_series(1, 20000) g;").await.unwrap();
+    let target: i64 = other.client.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
+    eventually("the idle slot to move past the other database's WAL", Duration::from_secs(30), || async {
+        slot_confirmed(&db.client, &slot).await.filter(|&c| c >= target as u64)
+    })
+    .await;
+    assert!(running.terminate().success());
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("SLUICE_TEST_SEED={s}");
+    s
+}
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
