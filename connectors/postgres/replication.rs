@@ -104,7 +104,9 @@ impl Feedback {
     }
 }
 
-/// A libpq connection string for a replication session.
+/// A libpq connection string for a replication session. pg_walstream 0.9 does not forward
+/// `options` or `application_name` to the server (observed: the walsender runs with server
+/// defaults and no name), which is why the value decoder accepts every default text style.
 fn conninfo(conn: &PgConnection) -> String {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let mut out = format!("postgresql://{}", enc(&conn.user));
