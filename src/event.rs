@@ -26,8 +26,7 @@ impl TableId {
             Some((schema, name)) => (schema, name),
             None => ("public", s),
         };
-        (!schema.is_empty() && !name.is_empty() && !name.contains('.'))
-            .then(|| Self::new(schema, name))
+        (!schema.is_empty() && !name.is_empty() && !name.contains('.')).then(|| Self::new(schema, name))
     }
 }
 

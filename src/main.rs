@@ -52,7 +52,16 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
     let SourceConfig::Postgres(pg) = &p.source;
     let tables: Vec<String> = pg.tables.iter().map(|t| t.to_string()).collect();
     println!("ok: pipeline {} ({})", p.name, file.display());
-    println!("  source: postgres {} tables [{}], snapshot {:?}, slot {}", pg.conn.display_target(), tables.join(", "), pg.snapshot, pg.slot);
+    let snapshot = match pg.snapshot {
+        config::SnapshotMode::Initial => "initial",
+        config::SnapshotMode::Never => "never",
+    };
+    println!(
+        "  source: postgres {} tables [{}], snapshot {snapshot}, slot {}",
+        pg.conn.display_target(),
+        tables.join(", "),
+        pg.slot
+    );
     for s in &p.sinks {
         let SinkConfig::Parquet(pq) = s;
         let target = match &pq.target {
@@ -81,7 +90,9 @@ fn run(file: &std::path::Path, options: RunOptions) -> anyhow::Result<()> {
         let signals = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
@@ -120,10 +131,16 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
         Err(e) => println!("  slot {}: unavailable ({e})", pg.slot),
     }
     println!("  snapshot done: {}", report.snapshot_done);
-    println!("  events: {} total, {:.0}/s, lag {:.1}s", report.events_total, report.events_per_second, report.lag_seconds);
+    println!(
+        "  changes streamed since start: {}, {:.0}/s, lag {:.1}s",
+        report.events_total, report.events_per_second, report.lag_seconds
+    );
     println!("  log: head {}, oldest held {:?}", report.log_head, report.log_tail);
     for s in &report.sinks {
-        println!("  sink {}: cursor {}, {} behind, {} files, {} rows", s.name, s.cursor, s.behind_events, s.files_written, s.rows_written);
+        println!(
+            "  sink {}: cursor {}, {} behind, {} files, {} rows",
+            s.name, s.cursor, s.behind_events, s.files_written, s.rows_written
+        );
     }
     Ok(())
 }

@@ -44,7 +44,10 @@ fn unknown_key_names_file_line_column_and_fix() {
 #[test]
 fn wrong_value_points_at_the_value() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), &GOOD.replace("url: file:///tmp/lake/\n", "url: file:///tmp/lake/\n    roll: { max_age: soon }\n"));
+    let path = write(
+        dir.path(),
+        &GOOD.replace("url: file:///tmp/lake/\n", "url: file:///tmp/lake/\n    roll: { max_age: soon }\n"),
+    );
     let (code, err) = validate(&path);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains(&format!("{}:10:22: roll.max_age: `soon` is not a duration", path.display())), "{err}");
@@ -75,7 +78,8 @@ fn malformed_yaml_is_located() {
 #[test]
 fn missing_secret_is_named_and_never_printed() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = GOOD.replace("postgres://cdc@127.0.0.1/cdc", "postgres://cdc:${env:SLUICE_TEST_NO_SUCH_VAR}@127.0.0.1/cdc");
+    let yaml =
+        GOOD.replace("postgres://cdc@127.0.0.1/cdc", "postgres://cdc:${env:SLUICE_TEST_NO_SUCH_VAR}@127.0.0.1/cdc");
     let (code, err) = validate(&write(dir.path(), &yaml));
     assert_eq!(code, 2);
     assert!(err.contains(":4:8: source.url: environment variable SLUICE_TEST_NO_SUCH_VAR is not set"), "{err}");

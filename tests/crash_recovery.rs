@@ -21,8 +21,12 @@ async fn table_state(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<Str
     let mut out = BTreeMap::new();
     for m in client.simple_query(sql).await.unwrap() {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
-            let cols: BTreeMap<String, Option<String>> =
-                row.columns().iter().enumerate().map(|(i, c)| (c.name().to_string(), row.get(i).map(str::to_string))).collect();
+            let cols: BTreeMap<String, Option<String>> = row
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name().to_string(), row.get(i).map(str::to_string)))
+                .collect();
             out.insert(cols["id"].clone().unwrap(), cols);
         }
     }
@@ -102,6 +106,7 @@ async fn kill_during_streaming_loses_and_duplicates_nothing() {
     db.client
         .batch_execute(
             "CREATE TABLE acct (id int PRIMARY KEY, version int NOT NULL, bal bigint, note text);
+             ALTER TABLE acct ALTER COLUMN note SET STORAGE EXTERNAL;
              INSERT INTO acct SELECT g, 1, g * 10, CASE WHEN g % 10 = 0 THEN repeat(md5(g::text), 200) END FROM generate_series(1, 1000) g;",
         )
         .await
@@ -125,7 +130,12 @@ async fn kill_during_streaming_loses_and_duplicates_nothing() {
                         next += 1;
                     }
                     2 => sql += &format!("DELETE FROM acct WHERE id = {id};"),
-                    _ => sql += &format!("UPDATE acct SET version = version + 1, bal = bal + {} WHERE id = {id};", rng.random_range(-50..50)),
+                    _ => {
+                        sql += &format!(
+                            "UPDATE acct SET version = version + 1, bal = bal + {} WHERE id = {id};",
+                            rng.random_range(-50..50)
+                        )
+                    }
                 }
             }
             if i % 50 == 25 {

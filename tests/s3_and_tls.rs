@@ -59,7 +59,8 @@ async fn parquet_on_s3_with_multipart_upload() {
 
     let s3 = s3_client();
     let listed = s3.list_objects_v2().bucket(&bucket).prefix("raw/").send().await.unwrap();
-    let keys: Vec<(String, i64)> = listed.contents().iter().map(|o| (o.key().unwrap().to_string(), o.size().unwrap())).collect();
+    let keys: Vec<(String, i64)> =
+        listed.contents().iter().map(|o| (o.key().unwrap().to_string(), o.size().unwrap())).collect();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let (key, size) = &keys[0];
     assert!(key.starts_with("raw/public.events/date="), "{key}");
@@ -68,7 +69,8 @@ async fn parquet_on_s3_with_multipart_upload() {
     assert!(head.e_tag().unwrap().contains('-'), "a multipart object's ETag ends in -<parts>: {:?}", head.e_tag());
 
     // Download and read back: every row, exact values.
-    let body = s3.get_object().bucket(&bucket).key(key).send().await.unwrap().body.collect().await.unwrap().into_bytes();
+    let body =
+        s3.get_object().bucket(&bucket).key(key).send().await.unwrap().body.collect().await.unwrap().into_bytes();
     let local = db.lake_dir().join("public.events").join("x");
     std::fs::create_dir_all(&local).unwrap();
     std::fs::write(local.join("f.parquet"), &body).unwrap();
@@ -83,7 +85,10 @@ async fn parquet_on_s3_with_multipart_upload() {
 #[tokio::test]
 async fn tls_verify_full_against_the_local_ca() {
     let db = TestDb::new("tls").await;
-    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'secure');").await.unwrap();
+    db.client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'secure');")
+        .await
+        .unwrap();
     let file = db.pipeline_file(&["public.t"], "", "");
     let secure = db.url().replace("sslmode=disable", &format!("sslmode=verify-full&sslrootcert={}", ca_file()));
     let text = std::fs::read_to_string(&file).unwrap().replace(&db.url(), &secure);

@@ -48,7 +48,9 @@ fn data_type(ty: &ColumnType, numeric: NumericPolicy) -> DataType {
             NumericPolicy::String => DataType::Utf8,
             NumericPolicy::Decimal { precision, scale } => decimal(precision, scale),
         },
-        ColumnType::Text | ColumnType::Enum | ColumnType::Other(_) | ColumnType::TimeTz | ColumnType::Json => DataType::Utf8,
+        ColumnType::Text | ColumnType::Enum | ColumnType::Other(_) | ColumnType::TimeTz | ColumnType::Json => {
+            DataType::Utf8
+        }
         ColumnType::Bytes => DataType::Binary,
         ColumnType::Uuid => DataType::FixedSizeBinary(16),
         ColumnType::Date => DataType::Date32,
@@ -133,7 +135,13 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
         DataType::Timestamp(_, None) => build!(TimestampMicrosecondArray, Value::Timestamp(t) => *t),
         DataType::Timestamp(_, Some(_)) => {
             let arr = build!(TimestampMicrosecondArray, Value::TimestampTz(t) => *t);
-            Arc::new(arr.as_any().downcast_ref::<TimestampMicrosecondArray>().expect("built above").clone().with_timezone("UTC"))
+            Arc::new(
+                arr.as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .expect("built above")
+                    .clone()
+                    .with_timezone("UTC"),
+            )
         }
         DataType::Binary => build!(BinaryArray, Value::Bytes(b) => b.as_slice()),
         DataType::FixedSizeBinary(_) => {
@@ -145,14 +153,19 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
                     other => Err(mismatch(other)),
                 })
                 .collect::<std::result::Result<_, _>>()?;
-            Arc::new(FixedSizeBinaryArray::try_from_sparse_iter_with_size(items.into_iter(), 16).map_err(|e| e.to_string())?)
+            Arc::new(
+                FixedSizeBinaryArray::try_from_sparse_iter_with_size(items.into_iter(), 16)
+                    .map_err(|e| e.to_string())?,
+            )
         }
         DataType::Utf8 => {
             let mut out: Vec<Option<String>> = Vec::with_capacity(values.len());
             for v in values {
                 out.push(match v {
                     Value::Null => None,
-                    Value::Text(s) | Value::Enum(s) | Value::Other(s) | Value::Json(s) | Value::Numeric(s) => Some(s.clone()),
+                    Value::Text(s) | Value::Enum(s) | Value::Other(s) | Value::Json(s) | Value::Numeric(s) => {
+                        Some(s.clone())
+                    }
                     Value::TimeTz(t, off) => Some(format_timetz(*t, *off)),
                     other => return Err(mismatch(other)),
                 });
@@ -164,7 +177,9 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
             for v in values {
                 out.push(match v {
                     Value::Null => None,
-                    Value::Numeric(text) => Some(unscaled(text, *p, *s)?.to_string().parse::<i128>().map_err(|e| e.to_string())?),
+                    Value::Numeric(text) => {
+                        Some(unscaled(text, *p, *s)?.to_string().parse::<i128>().map_err(|e| e.to_string())?)
+                    }
                     other => return Err(mismatch(other)),
                 });
             }
@@ -200,9 +215,15 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
                 days.push(iv.days);
                 micros.push(iv.micros);
             }
-            let children: Vec<ArrayRef> =
-                vec![Arc::new(Int32Array::from(months)), Arc::new(Int32Array::from(days)), Arc::new(Int64Array::from(micros))];
-            Arc::new(StructArray::try_new(fields.clone(), children, Some(NullBuffer::from(valid))).map_err(|e| e.to_string())?)
+            let children: Vec<ArrayRef> = vec![
+                Arc::new(Int32Array::from(months)),
+                Arc::new(Int32Array::from(days)),
+                Arc::new(Int64Array::from(micros)),
+            ];
+            Arc::new(
+                StructArray::try_new(fields.clone(), children, Some(NullBuffer::from(valid)))
+                    .map_err(|e| e.to_string())?,
+            )
         }
         DataType::List(child) => {
             let ColumnType::Array(elem) = ty else { return Err(format!("list for non-array type {ty:?}")) };
@@ -228,8 +249,13 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
             }
             let child_array = array(elem, child.data_type(), &flat)?;
             Arc::new(
-                ListArray::try_new(child.clone(), OffsetBuffer::from_lengths(lengths), child_array, Some(NullBuffer::from(valid)))
-                    .map_err(|e| e.to_string())?,
+                ListArray::try_new(
+                    child.clone(),
+                    OffsetBuffer::from_lengths(lengths),
+                    child_array,
+                    Some(NullBuffer::from(valid)),
+                )
+                .map_err(|e| e.to_string())?,
             )
         }
         other => return Err(format!("no Arrow conversion for {other:?}")),

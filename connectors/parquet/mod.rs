@@ -78,7 +78,8 @@ impl ParquetSink {
         let store = ObjectStore::build(&cfg.target).await?;
         let spool = log.dir().join("spool").join(&cfg.name);
         let _ = std::fs::remove_dir_all(&spool);
-        std::fs::create_dir_all(&spool).map_err(|e| Error::config(format!("cannot create {}: {e}", spool.display())))?;
+        std::fs::create_dir_all(&spool)
+            .map_err(|e| Error::config(format!("cannot create {}: {e}", spool.display())))?;
         let durable = match state {
             Some(s) => postcard::from_bytes(&s)?,
             None => BTreeMap::new(),
@@ -102,7 +103,8 @@ impl ParquetSink {
         if let Some(s) = self.schemas.get(&id) {
             return Ok(s.clone());
         }
-        let schema = self.log.schema(id).await?.ok_or_else(|| Error::Storage(format!("schema {id} is not registered")))?;
+        let schema =
+            self.log.schema(id).await?.ok_or_else(|| Error::Storage(format!("schema {id} is not registered")))?;
         let arrow = arrow_schema(&schema, self.cfg.unbounded_numeric);
         let entry = (Arc::new(schema), arrow);
         self.schemas.insert(id, entry.clone());
@@ -122,7 +124,14 @@ impl ParquetSink {
         }
     }
 
-    fn open_file(&self, record: &LogRecord, partition: String, schema_id: u32, schema: Arc<TableSchema>, arrow: Arc<Schema>) -> Result<OpenFile> {
+    fn open_file(
+        &self,
+        record: &LogRecord,
+        partition: String,
+        schema_id: u32,
+        schema: Arc<TableSchema>,
+        arrow: Arc<Schema>,
+    ) -> Result<OpenFile> {
         let name = format!("{}.parquet", record.event.position);
         let key = format!("{partition}/{name}");
         let path = self.spool.join(format!("{}-{name}", partition.replace('/', "_")));
@@ -132,7 +141,8 @@ impl ParquetSink {
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let writer = ArrowWriter::try_new(file, arrow.clone(), Some(props)).map_err(|e| Error::permanent("parquet writer", e))?;
+        let writer = ArrowWriter::try_new(file, arrow.clone(), Some(props))
+            .map_err(|e| Error::permanent("parquet writer", e))?;
         Ok(OpenFile {
             key,
             partition,
@@ -224,7 +234,8 @@ impl Sink for ParquetSink {
 
     async fn tick(&mut self, flush: bool) -> Result<Progress> {
         let max_age = self.cfg.roll.max_age;
-        let due: Vec<String> = self.open.iter().filter(|(_, f)| flush || f.opened.elapsed() >= max_age).map(|(k, _)| k.clone()).collect();
+        let due: Vec<String> =
+            self.open.iter().filter(|(_, f)| flush || f.opened.elapsed() >= max_age).map(|(k, _)| k.clone()).collect();
         for p in due {
             self.close(&p)?;
         }

@@ -28,11 +28,20 @@ impl ObjectStore {
                 let exists = client.head_bucket().bucket(&s3.bucket).send().await;
                 if exists.is_err() {
                     client.create_bucket().bucket(&s3.bucket).send().await.map_err(|e| {
-                        Error::config(format!("S3 bucket {} is not reachable and cannot be created: {}", s3.bucket, error_text(&e)))
+                        Error::config(format!(
+                            "S3 bucket {} is not reachable and cannot be created: {}",
+                            s3.bucket,
+                            error_text(&e)
+                        ))
                     })?;
                     tracing::info!(bucket = %s3.bucket, "created bucket");
                 }
-                Ok(ObjectStore::S3 { client, bucket: s3.bucket.clone(), prefix: s3.prefix.clone(), multipart_threshold: s3.multipart_threshold })
+                Ok(ObjectStore::S3 {
+                    client,
+                    bucket: s3.bucket.clone(),
+                    prefix: s3.prefix.clone(),
+                    multipart_threshold: s3.multipart_threshold,
+                })
             }
         }
     }
@@ -56,7 +65,14 @@ impl ObjectStore {
                 let size = tokio::fs::metadata(local).await.map_err(|e| Error::retryable("s3 upload", e))?.len();
                 if size < *multipart_threshold {
                     let body = ByteStream::from_path(local).await.map_err(|e| Error::retryable("s3 upload", e))?;
-                    client.put_object().bucket(bucket).key(&key).body(body).send().await.map_err(|e| s3_error("put object", &e))?;
+                    client
+                        .put_object()
+                        .bucket(bucket)
+                        .key(&key)
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("put object", &e))?;
                     return Ok(());
                 }
                 multipart(client, bucket, &key, local, size).await
@@ -66,7 +82,13 @@ impl ObjectStore {
 }
 
 async fn multipart(client: &aws_sdk_s3::Client, bucket: &str, key: &str, local: &Path, size: u64) -> Result<()> {
-    let created = client.create_multipart_upload().bucket(bucket).key(key).send().await.map_err(|e| s3_error("create multipart upload", &e))?;
+    let created = client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3_error("create multipart upload", &e))?;
     let upload_id = created.upload_id().ok_or_else(|| Error::retryable("s3 upload", "no upload id"))?.to_string();
     let result = async {
         let mut parts = Vec::new();
@@ -91,7 +113,8 @@ async fn multipart(client: &aws_sdk_s3::Client, bucket: &str, key: &str, local: 
                 .send()
                 .await
                 .map_err(|e| s3_error("upload part", &e))?;
-            parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
+            parts
+                .push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
             offset += len;
             number += 1;
         }
@@ -115,8 +138,18 @@ async fn multipart(client: &aws_sdk_s3::Client, bucket: &str, key: &str, local: 
 
 fn s3_client(s3: &S3Target) -> aws_sdk_s3::Client {
     let env = |k: &str| std::env::var(k).ok();
-    let access = s3.access_key_id.as_ref().map(|s| s.expose().to_string()).or_else(|| env("AWS_ACCESS_KEY_ID")).unwrap_or_default();
-    let secret = s3.secret_access_key.as_ref().map(|s| s.expose().to_string()).or_else(|| env("AWS_SECRET_ACCESS_KEY")).unwrap_or_default();
+    let access = s3
+        .access_key_id
+        .as_ref()
+        .map(|s| s.expose().to_string())
+        .or_else(|| env("AWS_ACCESS_KEY_ID"))
+        .unwrap_or_default();
+    let secret = s3
+        .secret_access_key
+        .as_ref()
+        .map(|s| s.expose().to_string())
+        .or_else(|| env("AWS_SECRET_ACCESS_KEY"))
+        .unwrap_or_default();
     let creds = aws_credential_types::Credentials::new(access, secret, env("AWS_SESSION_TOKEN"), None, "sluice");
     let mut conf = aws_sdk_s3::Config::builder()
         .behavior_version_latest()

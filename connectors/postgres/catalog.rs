@@ -52,7 +52,9 @@ impl Catalog {
             )
             .await
             .map_err(|e| query_error("catalog", e))?
-            .ok_or_else(|| Error::config(format!("table {id} does not exist; create it or remove it from source.tables")))?;
+            .ok_or_else(|| {
+                Error::config(format!("table {id} does not exist; create it or remove it from source.tables"))
+            })?;
         let oid: u32 = row.get(0);
         let identity: String = row.get(1);
         let kind: String = row.get(2);
@@ -75,8 +77,12 @@ impl Catalog {
                     qualified(id)
                 )))
             }
-            "f" => tracing::warn!(table = %id, "REPLICA IDENTITY FULL writes the whole old row to WAL on every change; DEFAULT is enough for sluice"),
-            "i" => tracing::warn!(table = %id, "REPLICA IDENTITY USING INDEX: deletes are keyed by that index; sluice keys by the primary key, which must match it"),
+            "f" => {
+                tracing::warn!(table = %id, "REPLICA IDENTITY FULL writes the whole old row to WAL on every change; DEFAULT is enough for sluice")
+            }
+            "i" => {
+                tracing::warn!(table = %id, "REPLICA IDENTITY USING INDEX: deletes are keyed by that index; sluice keys by the primary key, which must match it")
+            }
             _ => {}
         }
         let rows = self
@@ -210,7 +216,8 @@ impl Catalog {
             .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
             .await
             .map_err(|e| query_error("publication", e))?;
-        let present: Vec<TableId> = rows.iter().map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+        let present: Vec<TableId> =
+            rows.iter().map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
         for t in tables.iter().filter(|t| !present.contains(t)) {
             let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), qualified(t));
             self.client.batch_execute(&sql).await.map_err(|e| publication_error(name, e))?;

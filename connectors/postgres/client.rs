@@ -47,7 +47,9 @@ pub fn connect_error(conn: &PgConnection, e: &tokio_postgres::Error) -> Error {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         return Error::config(match code {
-            c if c.starts_with("28") => format!("cannot log in to {target}: {} (check the user and password)", db.message()),
+            c if c.starts_with("28") => {
+                format!("cannot log in to {target}: {} (check the user and password)", db.message())
+            }
             "3D000" => format!("database `{}` does not exist on {}:{}", conn.dbname, conn.host, conn.port),
             _ => format!("cannot connect to {target}: {}", db.message()),
         });

@@ -109,7 +109,12 @@ impl Decoder {
     ) -> Result<()> {
         match msg.message {
             M::Begin { final_lsn, timestamp, xid } => {
-                self.tx = Some(OpenTx { commit_lsn: final_lsn, commit_ts_us: timestamp + PG_EPOCH_OFFSET_US, xid, ordinal: 0 });
+                self.tx = Some(OpenTx {
+                    commit_lsn: final_lsn,
+                    commit_ts_us: timestamp + PG_EPOCH_OFFSET_US,
+                    xid,
+                    ordinal: 0,
+                });
             }
             M::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.tx.take().filter(|tx| tx.ordinal > 0) {
@@ -139,10 +144,12 @@ impl Decoder {
                 self.change(relation_id, Op::Insert, None, Some(tuple), msg.stream_xid, batch, catalog, log).await?;
             }
             M::Update { relation_id, old_tuple, new_tuple, .. } => {
-                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.stream_xid, batch, catalog, log).await?;
+                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.stream_xid, batch, catalog, log)
+                    .await?;
             }
             M::Delete { relation_id, old_tuple, .. } => {
-                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.stream_xid, batch, catalog, log).await?;
+                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.stream_xid, batch, catalog, log)
+                    .await?;
             }
             M::Truncate { relation_ids, .. } => {
                 for rel in relation_ids {
@@ -177,7 +184,8 @@ impl Decoder {
                     self.ack = Some(msg.wal_end);
                     if prefix == HEARTBEAT_PREFIX {
                         let text = String::from_utf8_lossy(&content);
-                        if let Some(ms) = text.strip_prefix(&format!("{}:", self.pipeline)).and_then(|t| t.parse().ok()) {
+                        if let Some(ms) = text.strip_prefix(&format!("{}:", self.pipeline)).and_then(|t| t.parse().ok())
+                        {
                             progress.heartbeat_seen_ms.fetch_max(ms, Ordering::AcqRel);
                         }
                     }
@@ -185,7 +193,10 @@ impl Decoder {
             }
             M::Type { .. } | M::Origin { .. } => {}
             other => {
-                return Err(Error::permanent("pgoutput", format!("unexpected message {other:?} (two-phase commit is not enabled)")));
+                return Err(Error::permanent(
+                    "pgoutput",
+                    format!("unexpected message {other:?} (two-phase commit is not enabled)"),
+                ));
             }
         }
         Ok(())
@@ -217,7 +228,15 @@ impl Decoder {
         Ok(())
     }
 
-    fn event(&self, schema: &TableSchema, schema_id: u32, op: Op, key: Row, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+    fn event(
+        &self,
+        schema: &TableSchema,
+        schema_id: u32,
+        op: Op,
+        key: Row,
+        before: Option<Row>,
+        after: Option<Row>,
+    ) -> ChangeEvent {
         let (position, commit_ts_us, tx_id) = match &self.tx {
             Some(tx) => (Position::change(tx.commit_lsn, tx.ordinal), tx.commit_ts_us, Some(tx.xid as u64)),
             // Streamed: position and commit time are assigned when the transaction commits.
@@ -237,7 +256,14 @@ impl Decoder {
         }
     }
 
-    fn emit(&mut self, event: ChangeEvent, schema: &Arc<TableSchema>, schema_id: u32, stream_xid: Option<u32>, batch: &mut WriteBatch) {
+    fn emit(
+        &mut self,
+        event: ChangeEvent,
+        schema: &Arc<TableSchema>,
+        schema_id: u32,
+        stream_xid: Option<u32>,
+        batch: &mut WriteBatch,
+    ) {
         batch.uses_schema(schema_id, schema);
         match (self.stream, &mut self.tx) {
             (Some(top), _) => {

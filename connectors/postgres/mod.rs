@@ -19,7 +19,7 @@ use crate::runtime::progress::{now_ms, SourceProgress};
 use crate::runtime::Shutdown;
 use decoder::Decoder;
 use replication::ReplicationStream;
-use snapshot::{SnapshotProgress, SnapshotTable, PROGRESS_KEY};
+use snapshot::{ExportedSnapshot, SnapshotProgress, SnapshotTable, PROGRESS_KEY};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +38,13 @@ pub struct PostgresSource {
 }
 
 impl PostgresSource {
-    pub fn new(cfg: PostgresSourceConfig, pipeline: &str, log: EmbeddedLog, progress: Arc<SourceProgress>, shutdown: Shutdown) -> Self {
+    pub fn new(
+        cfg: PostgresSourceConfig,
+        pipeline: &str,
+        log: EmbeddedLog,
+        progress: Arc<SourceProgress>,
+        shutdown: Shutdown,
+    ) -> Self {
         Self { cfg, pipeline: pipeline.to_string(), log, progress, shutdown }
     }
 
@@ -110,7 +116,9 @@ impl PostgresSource {
         }
         self.log.clear_staging().await?;
         let cancel = self.shutdown.token().child_token();
-        let mut stream = ReplicationStream::connect(&self.cfg.conn, &self.cfg.slot, &self.cfg.publication, false, cancel.clone()).await?;
+        let mut stream =
+            ReplicationStream::connect(&self.cfg.conn, &self.cfg.slot, &self.cfg.publication, false, cancel.clone())
+                .await?;
         let mut snapshot_client = None;
         let exported = if slot_lsn.is_none() {
             let name = stream.create_slot().await?;
@@ -126,17 +134,27 @@ impl PostgresSource {
                 Some(name) => {
                     let lsn = catalog.slot_position(&self.cfg.slot).await?.unwrap_or(0);
                     tracing::info!(at = %format_lsn(lsn), "initial snapshot");
-                    self.snapshot(catalog, &mut client, &name, lsn, p).await?;
+                    self.snapshot(catalog, &mut client, &ExportedSnapshot { name, lsn }, p).await?;
                 }
                 None => {
                     // Resuming: the original exported snapshot died with its session. A
                     // temporary slot exports a new one; its rows sit at its own LSN.
                     let tmp_slot = format!("{}_resume_{}", self.cfg.slot, std::process::id());
-                    let mut tmp = ReplicationStream::connect(&self.cfg.conn, &tmp_slot, &self.cfg.publication, true, CancellationToken::new()).await?;
-                    let name = tmp.create_slot().await?.ok_or_else(|| Error::permanent("snapshot resume", "no snapshot exported"))?;
+                    let mut tmp = ReplicationStream::connect(
+                        &self.cfg.conn,
+                        &tmp_slot,
+                        &self.cfg.publication,
+                        true,
+                        CancellationToken::new(),
+                    )
+                    .await?;
+                    let name = tmp
+                        .create_slot()
+                        .await?
+                        .ok_or_else(|| Error::permanent("snapshot resume", "no snapshot exported"))?;
                     let lsn = catalog.slot_position(&tmp_slot).await?.unwrap_or(0);
                     tracing::info!(at = %format_lsn(lsn), "resuming snapshot");
-                    self.snapshot(catalog, &mut client, &name, lsn, p).await?;
+                    self.snapshot(catalog, &mut client, &ExportedSnapshot { name, lsn }, p).await?;
                     drop(tmp);
                 }
             }
@@ -158,7 +176,13 @@ impl PostgresSource {
         self.stream(catalog, stream, cancel).await
     }
 
-    async fn snapshot(&self, catalog: &mut Catalog, client: &mut tokio_postgres::Client, name: &str, lsn: u64, progress: &mut SnapshotProgress) -> Result<()> {
+    async fn snapshot(
+        &self,
+        catalog: &mut Catalog,
+        client: &mut tokio_postgres::Client,
+        exported: &ExportedSnapshot,
+        progress: &mut SnapshotProgress,
+    ) -> Result<()> {
         let mut registry = decoder::SchemaRegistry::load(&self.log).await?;
         let mut tables = Vec::new();
         for t in &self.cfg.tables {
@@ -170,11 +194,17 @@ impl PostgresSource {
             }
             tables.push(SnapshotTable { schema, schema_id: id });
         }
-        snapshot::run(client, name, lsn, &tables, progress, &self.log, self.cfg.snapshot_chunk_rows, &self.shutdown).await
+        snapshot::run(client, exported, &tables, progress, &self.log, self.cfg.snapshot_chunk_rows, &self.shutdown)
+            .await
     }
 
     /// Decodes the stream into the log until shutdown.
-    async fn stream(&self, catalog: &mut Catalog, mut stream: ReplicationStream, cancel: CancellationToken) -> Result<()> {
+    async fn stream(
+        &self,
+        catalog: &mut Catalog,
+        mut stream: ReplicationStream,
+        cancel: CancellationToken,
+    ) -> Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
         let feedback = stream.feedback();
         // The reader owns the connection; dropping its future mid-read would corrupt the stream,
@@ -203,7 +233,8 @@ impl PostgresSource {
             self.progress.clone(),
             cancel.clone(),
         ));
-        let mut decoder = Decoder::new(&self.pipeline, &self.cfg.tables, decoder::SchemaRegistry::load(&self.log).await?);
+        let mut decoder =
+            Decoder::new(&self.pipeline, &self.cfg.tables, decoder::SchemaRegistry::load(&self.log).await?);
         let result = async {
             let mut batch = WriteBatch::new();
             let mut batch_deadline: Option<tokio::time::Instant> = None;
@@ -234,7 +265,12 @@ impl PostgresSource {
         result
     }
 
-    async fn flush(&self, decoder: &mut Decoder, batch: &mut WriteBatch, feedback: &replication::Feedback) -> Result<()> {
+    async fn flush(
+        &self,
+        decoder: &mut Decoder,
+        batch: &mut WriteBatch,
+        feedback: &replication::Feedback,
+    ) -> Result<()> {
         let ack = decoder.take_ack();
         if batch.is_empty() && ack.is_none() {
             return Ok(());
@@ -269,7 +305,13 @@ pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
 
 /// Writes a non-transactional logical message every `every`, so the stream delivers a
 /// position to acknowledge even when no captured table changes, and measures slot lag.
-async fn heartbeat(conn: crate::config::PgConnection, pipeline: String, every: Duration, progress: Arc<SourceProgress>, cancel: CancellationToken) {
+async fn heartbeat(
+    conn: crate::config::PgConnection,
+    pipeline: String,
+    every: Duration,
+    progress: Arc<SourceProgress>,
+    cancel: CancellationToken,
+) {
     let mut client = None;
     loop {
         tokio::select! {

@@ -29,11 +29,19 @@ pub struct ReplicationStream {
     inner: LogicalReplicationStream,
     parser: LogicalReplicationParser,
     cancel: CancellationToken,
+    /// Between Stream Start and Stream Stop, where changes carry their (sub)transaction xid.
+    in_stream: bool,
 }
 
 impl ReplicationStream {
     /// Connects a replication session. `temporary` slots vanish when the session ends.
-    pub async fn connect(conn: &PgConnection, slot: &str, publication: &str, temporary: bool, cancel: CancellationToken) -> Result<Self> {
+    pub async fn connect(
+        conn: &PgConnection,
+        slot: &str,
+        publication: &str,
+        temporary: bool,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
         let config = ReplicationStreamConfig::new(
             slot.to_string(),
             publication.to_string(),
@@ -53,7 +61,7 @@ impl ReplicationStream {
         let inner = LogicalReplicationStream::new(&conninfo(conn), config)
             .await
             .map_err(|e| Error::retryable(format!("replication connection to {}", conn.display_target()), e))?;
-        Ok(Self { inner, parser: LogicalReplicationParser::with_protocol_version(2), cancel })
+        Ok(Self { inner, parser: LogicalReplicationParser::with_protocol_version(2), cancel, in_stream: false })
     }
 
     /// Creates the slot if it does not exist; returns the exported snapshot's name if created.
@@ -75,11 +83,19 @@ impl ReplicationStream {
             Err(e) if e.is_cancelled() => return Ok(None),
             Err(e) => return Err(Error::retryable("replication stream", e)),
         };
-        let parsed = self
-            .parser
-            .parse_wal_message_bytes(raw.data)
-            .map_err(|e| Error::permanent("pgoutput decoding", e))?;
-        Ok(Some(WalMessage { wal_end: raw.wal_end.value(), message: parsed.message, stream_xid: parsed.xid }))
+        let sub_xid = if self.in_stream { change_xid(&raw.data) } else { None };
+        match raw.data.first() {
+            Some(b'S') => self.in_stream = true,
+            Some(b'E') => self.in_stream = false,
+            _ => {}
+        }
+        let parsed =
+            self.parser.parse_wal_message_bytes(raw.data).map_err(|e| Error::permanent("pgoutput decoding", e))?;
+        Ok(Some(WalMessage {
+            wal_end: raw.wal_end.value(),
+            message: parsed.message,
+            stream_xid: sub_xid.or(parsed.xid),
+        }))
     }
 
     /// A handle for acknowledging positions while another task reads the stream.
@@ -90,6 +106,16 @@ impl ReplicationStream {
     /// Sends the acknowledged position now (at shutdown).
     pub async fn flush_feedback(&mut self) -> Result<()> {
         self.inner.send_feedback().await.map_err(|e| Error::retryable("standby status update", e))
+    }
+}
+
+/// The (sub)transaction xid that protocol v2 puts after the type byte of a change inside a
+/// streamed block. pg_walstream 0.9 reads and drops it, reporting the block's top-level xid for
+/// every change, which cannot tell which changes a rolled-back savepoint removes.
+fn change_xid(data: &[u8]) -> Option<u32> {
+    match data.first()? {
+        b'I' | b'U' | b'D' | b'T' | b'R' | b'Y' | b'M' => Some(u32::from_be_bytes(data.get(1..5)?.try_into().ok()?)),
+        _ => None,
     }
 }
 

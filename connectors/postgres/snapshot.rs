@@ -42,7 +42,10 @@ pub struct TableProgress {
 impl SnapshotProgress {
     pub fn new(tables: &[TableId], started_us: i64) -> Self {
         Self {
-            tables: tables.iter().map(|t| TableProgress { table: t.clone(), done: false, last_key: None, rows: 0 }).collect(),
+            tables: tables
+                .iter()
+                .map(|t| TableProgress { table: t.clone(), done: false, last_key: None, rows: 0 })
+                .collect(),
             started_us,
         }
     }
@@ -58,17 +61,23 @@ pub struct SnapshotTable {
     pub schema_id: u32,
 }
 
-/// Reads every unfinished table inside the exported snapshot `snapshot_name` taken at `lsn`.
+/// A snapshot exported by a replication slot, and the LSN it was taken at.
+pub struct ExportedSnapshot {
+    pub name: String,
+    pub lsn: u64,
+}
+
+/// Reads every unfinished table inside an exported snapshot.
 pub async fn run(
     client: &mut Client,
-    snapshot_name: &str,
-    lsn: u64,
+    snapshot: &ExportedSnapshot,
     tables: &[SnapshotTable],
     progress: &mut SnapshotProgress,
     log: &EmbeddedLog,
     chunk_rows: u64,
     shutdown: &Shutdown,
 ) -> Result<()> {
+    let lsn = snapshot.lsn;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -76,7 +85,7 @@ pub async fn run(
         .start()
         .await
         .map_err(|e| query_error("snapshot", e))?;
-    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot_name)))
+    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&snapshot.name)))
         .await
         .map_err(|e| query_error("snapshot: import exported snapshot", e))?;
     for t in tables {
@@ -111,6 +120,7 @@ pub async fn run(
                 p.last_key = chunk.last_key;
             }
             metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
+            metrics::counter!("sluice_events_in_total").increment(n);
             batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
             log.commit(batch).await?;
         }
@@ -125,7 +135,12 @@ struct Chunk {
     last_key: Option<Vec<String>>,
 }
 
-async fn read_chunk(tx: &tokio_postgres::Transaction<'_>, schema: &TableSchema, after: Option<&[String]>, limit: u64) -> Result<Chunk> {
+async fn read_chunk(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &TableSchema,
+    after: Option<&[String]>,
+    limit: u64,
+) -> Result<Chunk> {
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let keys: Vec<String> = schema.key_indexes().iter().map(|&i| quote_ident(&schema.columns[i].name)).collect();
     let filter = match after {
@@ -150,7 +165,10 @@ async fn read_chunk(tx: &tokio_postgres::Transaction<'_>, schema: &TableSchema, 
     let mut handle_line = |line: &[u8], rows: &mut Vec<Vec<Value>>| -> Result<()> {
         let fields = split_copy_line(line)?;
         if fields.len() != schema.columns.len() {
-            return Err(Error::permanent("snapshot COPY", format!("expected {} fields, got {}", schema.columns.len(), fields.len())));
+            return Err(Error::permanent(
+                "snapshot COPY",
+                format!("expected {} fields, got {}", schema.columns.len(), fields.len()),
+            ));
         }
         last_key = Some(key_idx.iter().map(|&k| fields[k].clone().unwrap_or_default()).collect());
         let row = fields

@@ -148,7 +148,8 @@ fn lookup<'a>(vals: &'a Values, name: &str) -> Option<&'a Value> {
 
 /// Reads the current values of some columns of one row from the source.
 async fn fetch(client: &Client, schema: &TableSchema, key: &[Value], columns: &[usize]) -> Result<Vec<Value>> {
-    let cols: Vec<String> = columns.iter().map(|&i| format!("{}::text", quote_ident(&schema.columns[i].name))).collect();
+    let cols: Vec<String> =
+        columns.iter().map(|&i| format!("{}::text", quote_ident(&schema.columns[i].name))).collect();
     let mut conds = Vec::new();
     for (idx, v) in schema.key_indexes().into_iter().zip(key) {
         let lit = key_literal(v).ok_or_else(|| Error::permanent("toast fetch", "key value has no text form"))?;

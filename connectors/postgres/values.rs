@@ -115,7 +115,7 @@ fn parse_time(text: &str) -> Option<i64> {
         return Some(86_400_000_000);
     }
     let t = NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?;
-    Some(t.signed_duration_since(NaiveTime::MIN).num_microseconds()?)
+    t.signed_duration_since(NaiveTime::MIN).num_microseconds()
 }
 
 /// Splits `...+HH[:MM[:SS]]` into the text before the offset and the offset in seconds.
@@ -312,10 +312,7 @@ mod tests {
         assert_eq!(decode(&ColumnType::Date, "1970-01-02").unwrap(), Value::Date(1));
         assert_eq!(decode(&ColumnType::Date, "0001-01-01 BC").unwrap(), Value::Date(-719_528));
         assert_eq!(decode(&ColumnType::Time, "00:00:01.000002").unwrap(), Value::Time(1_000_002));
-        assert_eq!(
-            decode(&ColumnType::TimestampTz, "1970-01-01 01:00:00.5+01").unwrap(),
-            Value::TimestampTz(500_000)
-        );
+        assert_eq!(decode(&ColumnType::TimestampTz, "1970-01-01 01:00:00.5+01").unwrap(), Value::TimestampTz(500_000));
         assert_eq!(decode(&ColumnType::TimeTz, "10:00:00-03:30").unwrap(), Value::TimeTz(36_000_000_000, -12_600));
         assert_eq!(decode(&ColumnType::Timestamp, "infinity").unwrap(), Value::Timestamp(i64::MAX));
     }
@@ -326,7 +323,10 @@ mod tests {
         assert_eq!(decode(&ColumnType::Interval, "P1Y-2M3DT4H5M6.000007S").unwrap(), iv(10, 3, 14_706_000_007));
         assert_eq!(decode(&ColumnType::Interval, "PT-0.5S").unwrap(), iv(0, 0, -500_000));
         assert_eq!(decode(&ColumnType::Interval, "PT0S").unwrap(), iv(0, 0, 0));
-        assert_eq!(decode(&ColumnType::Interval, "1 year 2 mons -3 days +04:05:06.000007").unwrap(), iv(14, -3, 14_706_000_007));
+        assert_eq!(
+            decode(&ColumnType::Interval, "1 year 2 mons -3 days +04:05:06.000007").unwrap(),
+            iv(14, -3, 14_706_000_007)
+        );
         assert_eq!(decode(&ColumnType::Interval, "-00:00:01.5").unwrap(), iv(0, 0, -1_500_000));
         assert_eq!(decode(&ColumnType::Interval, "1 day").unwrap(), iv(0, 1, 0));
         assert_eq!(decode(&ColumnType::Interval, "00:00:00").unwrap(), iv(0, 0, 0));

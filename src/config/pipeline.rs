@@ -116,7 +116,9 @@ pub struct ParquetSinkConfig {
 #[derive(Debug, Clone)]
 pub enum ObjectTarget {
     /// A local directory.
-    File { root: PathBuf },
+    File {
+        root: PathBuf,
+    },
     S3(S3Target),
 }
 

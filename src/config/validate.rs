@@ -31,13 +31,21 @@ impl Ctx<'_> {
 
     fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
         humantime::parse_duration(value.value.trim()).map_err(|e| {
-            self.err(value, format!("{field}: `{}` is not a duration ({e})", value.value), "write it like 500ms, 5s, 2m or 1h")
+            self.err(
+                value,
+                format!("{field}: `{}` is not a duration ({e})", value.value),
+                "write it like 500ms, 5s, 2m or 1h",
+            )
         })
     }
 
     fn size(&self, field: &str, value: &Spanned<String>) -> Result<u64, ConfigError> {
         value.value.trim().parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| {
-            self.err(value, format!("{field}: `{}` is not a size ({e})", value.value), "write it like 64MiB, 128MB or 1GiB")
+            self.err(
+                value,
+                format!("{field}: `{}` is not a size ({e})", value.value),
+                "write it like 64MiB, 128MB or 1GiB",
+            )
         })
     }
 }
@@ -65,7 +73,11 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         },
     };
     if raw.sinks.value.is_empty() {
-        return Err(cx.err(&raw.sinks, "sinks: the list is empty", "declare at least one sink, e.g. `- { name: lake, type: parquet, url: file:///tmp/lake/ }`"));
+        return Err(cx.err(
+            &raw.sinks,
+            "sinks: the list is empty",
+            "declare at least one sink, e.g. `- { name: lake, type: parquet, url: file:///tmp/lake/ }`",
+        ));
     }
     let mut sinks = Vec::new();
     for sink in raw.sinks.value {
@@ -87,7 +99,11 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     let metrics_listen = match raw.metrics {
         None => None,
         Some(m) => Some(m.listen.value.parse().map_err(|_| {
-            cx.err(&m.listen, format!("metrics.listen: `{}` is not an address", m.listen.value), "write host:port, e.g. 127.0.0.1:9464")
+            cx.err(
+                &m.listen,
+                format!("metrics.listen: `{}` is not an address", m.listen.value),
+                "write host:port, e.g. 127.0.0.1:9464",
+            )
         })?),
     };
     Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen })
@@ -104,7 +120,11 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
     let mut tables = Vec::new();
     for t in &raw.tables.value {
         let id = TableId::parse(t.value.trim()).ok_or_else(|| {
-            cx.err(t, format!("source.tables: `{}` is not a table name", t.value), "write schema.table, e.g. public.orders")
+            cx.err(
+                t,
+                format!("source.tables: `{}` is not a table name", t.value),
+                "write schema.table, e.g. public.orders",
+            )
         })?;
         if tables.contains(&id) {
             return Err(cx.err(t, format!("source.tables: `{id}` is listed twice"), "list each table once"));
@@ -112,13 +132,21 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
         tables.push(id);
     }
     if tables.is_empty() {
-        return Err(cx.err(&raw.tables, "source.tables: the list is empty", "list the tables to capture, e.g. [public.orders]"));
+        return Err(cx.err(
+            &raw.tables,
+            "source.tables: the list is empty",
+            "list the tables to capture, e.g. [public.orders]",
+        ));
     }
     let snapshot = match raw.snapshot.as_ref().map(|s| s.value.as_str()) {
         None | Some("initial") => SnapshotMode::Initial,
         Some("never") => SnapshotMode::Never,
         Some(other) => {
-            return Err(cx.err(raw.snapshot.as_ref().unwrap(), format!("source.snapshot: `{other}` is not a snapshot mode"), "use `initial` or `never`"))
+            return Err(cx.err(
+                raw.snapshot.as_ref().unwrap(),
+                format!("source.snapshot: `{other}` is not a snapshot mode"),
+                "use `initial` or `never`",
+            ))
         }
     };
     let default_name = format!("sluice_{}", pipeline.replace('-', "_"));
@@ -129,7 +157,9 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
         None => Duration::from_secs(10),
     };
     let snapshot_chunk_rows = match &raw.snapshot_chunk_rows {
-        Some(n) if n.value == 0 => return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 50000")),
+        Some(n) if n.value == 0 => {
+            return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 50000"))
+        }
         Some(n) => n.value,
         None => 50_000,
     };
@@ -145,7 +175,11 @@ fn ident(cx: &Ctx, field: &str, value: Option<&Spanned<String>>, default: &str) 
     if ok {
         Ok(v.value.clone())
     } else {
-        Err(cx.err(v, format!("{field}: `{}` is not a valid name", v.value), "use lower-case letters, digits and `_`, at most 63 characters"))
+        Err(cx.err(
+            v,
+            format!("{field}: `{}` is not a valid name", v.value),
+            "use lower-case letters, digits and `_`, at most 63 characters",
+        ))
     }
 }
 
@@ -155,7 +189,9 @@ pub fn parse_pg_url(text: &str) -> Result<PgConnection, String> {
     if url.scheme() != "postgres" && url.scheme() != "postgresql" {
         return Err(format!("scheme `{}` is not postgres://", url.scheme()));
     }
-    let decode = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default();
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+    };
     let host = url.host_str().ok_or("the URL has no host")?.trim_matches(['[', ']']).to_string();
     let user = if url.username().is_empty() { "postgres".to_string() } else { decode(url.username()) };
     let dbname = url.path().trim_start_matches('/');
@@ -171,7 +207,11 @@ pub fn parse_pg_url(text: &str) -> Result<PgConnection, String> {
                     "require" => TlsMode::Require,
                     "verify-ca" => TlsMode::VerifyCa,
                     "verify-full" => TlsMode::VerifyFull,
-                    other => return Err(format!("sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full")),
+                    other => {
+                        return Err(format!(
+                            "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                        ))
+                    }
                 }
             }
             "sslrootcert" => root_cert = Some(PathBuf::from(&*v)),
@@ -197,10 +237,18 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
     let url = cx.resolve("url", &raw.url)?;
     let target = if let Some(path) = url.strip_prefix("file://") {
         if raw.s3.is_some() {
-            return Err(cx.err(&raw.url, format!("sink {name}: `s3:` settings given for a file:// url"), "remove the s3: block or use an s3:// url"));
+            return Err(cx.err(
+                &raw.url,
+                format!("sink {name}: `s3:` settings given for a file:// url"),
+                "remove the s3: block or use an s3:// url",
+            ));
         }
         if path.is_empty() {
-            return Err(cx.err(&raw.url, format!("sink {name}: file:// url has no path"), "write file:///absolute/dir/ or file://relative/dir/"));
+            return Err(cx.err(
+                &raw.url,
+                format!("sink {name}: file:// url has no path"),
+                "write file:///absolute/dir/ or file://relative/dir/",
+            ));
         }
         ObjectTarget::File { root: PathBuf::from(path) }
     } else if let Some(rest) = url.strip_prefix("s3://") {
@@ -231,7 +279,11 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
             multipart_threshold,
         })
     } else {
-        return Err(cx.err(&raw.url, format!("sink {name}: `{url}` is neither file:// nor s3://"), "write s3://bucket/prefix/ or file:///dir/"));
+        return Err(cx.err(
+            &raw.url,
+            format!("sink {name}: `{url}` is neither file:// nor s3://"),
+            "write s3://bucket/prefix/ or file:///dir/",
+        ));
     };
     let mut roll = Roll { max_rows: 1_000_000, max_bytes: 128 * 1024 * 1024, max_age: Duration::from_secs(60) };
     if let Some(r) = &raw.roll {
@@ -251,13 +303,23 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
     let unbounded_numeric = match &raw.unbounded_numeric {
         None => NumericPolicy::String,
         Some(v) => parse_numeric_policy(&v.value).ok_or_else(|| {
-            cx.err(v, format!("unbounded_numeric: `{}` is not a policy", v.value), "use `string` (exact text) or `decimal(P,S)` with P up to 76, e.g. decimal(38,9)")
+            cx.err(
+                v,
+                format!("unbounded_numeric: `{}` is not a policy", v.value),
+                "use `string` (exact text) or `decimal(P,S)` with P up to 76, e.g. decimal(38,9)",
+            )
         })?,
     };
     let partition_by = match raw.partition_by.as_ref().map(|p| p.value.as_str()) {
         None | Some("commit_date") => PartitionBy::CommitDate,
         Some("none") => PartitionBy::None,
-        Some(other) => return Err(cx.err(raw.partition_by.as_ref().unwrap(), format!("partition_by: `{other}` is not supported"), "use `commit_date` or `none`")),
+        Some(other) => {
+            return Err(cx.err(
+                raw.partition_by.as_ref().unwrap(),
+                format!("partition_by: `{other}` is not supported"),
+                "use `commit_date` or `none`",
+            ))
+        }
     };
     Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by })
 }

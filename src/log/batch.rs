@@ -23,11 +23,23 @@ pub struct WriteBatch {
 enum Step {
     Append(ChangeEvent),
     /// A change of a transaction that has not committed yet (protocol v2 streaming).
-    Stage { top_xid: u32, sub_xid: u32, seq: u64, event: ChangeEvent },
+    Stage {
+        top_xid: u32,
+        sub_xid: u32,
+        seq: u64,
+        event: ChangeEvent,
+    },
     /// The streamed transaction committed: move its staged changes into the log.
-    Promote { top_xid: u32, commit_lsn: u64, commit_ts_us: i64 },
+    Promote {
+        top_xid: u32,
+        commit_lsn: u64,
+        commit_ts_us: i64,
+    },
     /// The streamed (sub)transaction aborted: drop its staged changes.
-    Abort { top_xid: u32, sub_xid: u32 },
+    Abort {
+        top_xid: u32,
+        sub_xid: u32,
+    },
     Meta(String, Vec<u8>),
     Schema(u32, TableSchema),
 }
@@ -135,7 +147,10 @@ impl WriteBatch {
                     Step::Abort { top_xid, sub_xid } => {
                         let whole = top_xid == sub_xid;
                         staging.retain_in((*top_xid, 0)..=(*top_xid, u64::MAX), |_, v| {
-                            !whole && postcard::from_bytes::<(u32, ChangeEvent)>(v).map(|(s, _)| s != *sub_xid).unwrap_or(true)
+                            !whole
+                                && postcard::from_bytes::<(u32, ChangeEvent)>(v)
+                                    .map(|(s, _)| s != *sub_xid)
+                                    .unwrap_or(true)
                         })?;
                     }
                     Step::Meta(key, value) => {

@@ -134,13 +134,15 @@ impl EmbeddedLog {
     pub async fn cursor(&self, sink: &str) -> Result<u64> {
         let db = self.db.clone();
         let sink = sink.to_string();
-        blocking(move || Ok(db.begin_read()?.open_table(CURSORS)?.get(sink.as_str())?.map(|v| v.value()).unwrap_or(0))).await
+        blocking(move || Ok(db.begin_read()?.open_table(CURSORS)?.get(sink.as_str())?.map(|v| v.value()).unwrap_or(0)))
+            .await
     }
 
     pub async fn sink_state(&self, sink: &str) -> Result<Option<Vec<u8>>> {
         let db = self.db.clone();
         let sink = sink.to_string();
-        blocking(move || Ok(db.begin_read()?.open_table(SINK_STATE)?.get(sink.as_str())?.map(|v| v.value().to_vec()))).await
+        blocking(move || Ok(db.begin_read()?.open_table(SINK_STATE)?.get(sink.as_str())?.map(|v| v.value().to_vec())))
+            .await
     }
 
     /// Records a sink's progress and state together. The cursor never moves backward: a lower

@@ -27,6 +27,29 @@ pub struct RunOptions {
     pub until_idle: Option<Duration>,
 }
 
+/// Describes every metric and creates it at zero, so `/metrics` lists them from the start.
+fn register_metrics(sinks: &[String]) {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+    describe_counter!("sluice_events_in_total", "Change events made durable in the log");
+    describe_counter!("sluice_events_out_total", "Change events made durable in a sink");
+    describe_gauge!("sluice_source_lag_bytes", Unit::Bytes, "Server WAL position minus the acknowledged position");
+    describe_gauge!("sluice_source_lag_seconds", Unit::Seconds, "Age of the newest change appended while changes flow");
+    describe_histogram!("sluice_log_commit_seconds", Unit::Seconds, "Latency of one durable log commit");
+    describe_histogram!("sluice_sink_batch_seconds", Unit::Seconds, "Latency of one sink batch");
+    describe_counter!("sluice_retries_total", "Retries after transient errors, by stage");
+    describe_gauge!("sluice_sink_behind_events", "Events in the log not yet durable in the sink");
+    describe_counter!("sluice_snapshot_rows_total", "Rows read by the initial snapshot");
+    counter!("sluice_events_in_total").increment(0);
+    counter!("sluice_retries_total", "stage" => "source").increment(0);
+    gauge!("sluice_source_lag_bytes").set(0.0);
+    gauge!("sluice_source_lag_seconds").set(0.0);
+    for s in sinks {
+        counter!("sluice_events_out_total", "sink" => s.clone()).increment(0);
+        counter!("sluice_retries_total", "stage" => s.clone()).increment(0);
+        gauge!("sluice_sink_behind_events", "sink" => s.clone()).set(0.0);
+    }
+}
+
 /// Opens the pipeline's log.
 pub fn open_log(pipeline: &Pipeline) -> Result<EmbeddedLog> {
     let TransportConfig::Embedded { path } = &pipeline.transport;
@@ -45,6 +68,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     source.prepare().await?;
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
+    register_metrics(&sink_names);
     let drain = Arc::new(AtomicBool::new(false));
     let mut statuses = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -70,7 +94,9 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     }
     tasks.spawn(async move { source.run().await.map_err(|e| ("source".to_string(), e)) });
     let reporter = status::Reporter::new(pipeline.name.clone(), log.clone(), source_progress.clone(), statuses.clone());
-    let reporter_task = tokio::spawn(reporter.run(shutdown.clone()));
+    // The reporter outlives the tasks so its last report shows the drained, final state.
+    let finished = Shutdown::new();
+    let reporter_task = tokio::spawn(reporter.run(finished.clone()));
 
     if let Some(idle) = options.until_idle {
         let (progress, log, statuses, shutdown, drain) =
@@ -108,6 +134,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             shutdown.request();
         }
     }
+    finished.request();
     let _ = reporter_task.await;
     match first_error {
         Some(e) => Err(e),

@@ -41,7 +41,8 @@ impl SinkRunner {
                 let records = self.log.read(next, READ_EVENTS, READ_BYTES).await?;
                 next = records.last().map(|r| r.offset + 1).unwrap_or(head + 1);
                 self.sink.write(records).await?;
-                metrics::histogram!("sluice_sink_batch_seconds", "sink" => self.name.clone()).record(started.elapsed().as_secs_f64());
+                metrics::histogram!("sluice_sink_batch_seconds", "sink" => self.name.clone())
+                    .record(started.elapsed().as_secs_f64());
                 if last_tick.elapsed() < TICK {
                     continue;
                 }
@@ -84,7 +85,12 @@ impl SinkRunner {
         }
     }
 
-    async fn commit(&mut self, progress: Progress, committed: &mut u64, last_state: &mut Option<Vec<u8>>) -> Result<()> {
+    async fn commit(
+        &mut self,
+        progress: Progress,
+        committed: &mut u64,
+        last_state: &mut Option<Vec<u8>>,
+    ) -> Result<()> {
         if progress.cursor == *committed && last_state.as_ref() == Some(&progress.state) {
             return Ok(());
         }

@@ -19,7 +19,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(pipeline: String, log: EmbeddedLog, source: Arc<SourceProgress>, sinks: Vec<Arc<Mutex<SinkStatus>>>) -> Self {
+    pub fn new(
+        pipeline: String,
+        log: EmbeddedLog,
+        source: Arc<SourceProgress>,
+        sinks: Vec<Arc<Mutex<SinkStatus>>>,
+    ) -> Self {
         Self { pipeline, log, source, sinks }
     }
 

@@ -47,8 +47,15 @@ pub fn changelog(lake: &Path, table: &str) -> Vec<ChangeRow> {
     for file in files(lake, table) {
         for batch in batches(&file) {
             let schema = batch.schema();
-            let op = batch.column_by_name("_sluice_op").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
-            let pos = batch.column_by_name("_sluice_position").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let op =
+                batch.column_by_name("_sluice_op").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let pos = batch
+                .column_by_name("_sluice_position")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
             let opts = FormatOptions::default();
             // Display of a named zone needs a tz database; the instant is what is compared.
             let zoneless: Vec<arrow::array::ArrayRef> = batch
@@ -73,7 +80,12 @@ pub fn changelog(lake: &Path, table: &str) -> Vec<ChangeRow> {
                     let _ = i;
                     columns.insert(name.clone(), (!col.is_null(r)).then(|| fmt.value(r).to_string()));
                 }
-                rows.push(ChangeRow { op: op.value(r).to_string(), position: pos.value(r).to_string(), file: file.clone(), columns });
+                rows.push(ChangeRow {
+                    op: op.value(r).to_string(),
+                    position: pos.value(r).to_string(),
+                    file: file.clone(),
+                    columns,
+                });
             }
         }
     }

@@ -125,9 +125,14 @@ async fn drop_db(admin: &Client, name: &str) {
         )
         .await;
     let _ = admin
-        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&name])
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
         .await;
-    let _ = admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&name]).await;
+    let _ = admin
+        .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&name])
+        .await;
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
 }
 
@@ -158,7 +163,8 @@ pub struct Running(pub Child);
 
 impl Running {
     pub fn start(file: &Path) -> Self {
-        let log = std::fs::File::create(file.with_extension(format!("log.{}", Instant::now().elapsed().as_nanos()))).unwrap();
+        let log =
+            std::fs::File::create(file.with_extension(format!("log.{}", Instant::now().elapsed().as_nanos()))).unwrap();
         let child = Command::new(sluice_bin())
             .args(["run", file.to_str().unwrap()])
             .current_dir(file.parent().unwrap())
@@ -178,7 +184,8 @@ impl Running {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
         self.0.wait().unwrap()
     }
 }
@@ -209,7 +216,10 @@ where
 /// The slot's confirmed flush LSN as a number.
 pub async fn slot_confirmed(client: &Client, slot: &str) -> Option<u64> {
     let row = client
-        .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap()?;
     row.get::<_, Option<i64>>(0).map(|v| v as u64)

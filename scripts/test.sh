@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs and starts the test services, then checks
+# formatting and lints and runs every test against the real servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/services.sh
+# Builds are cached outside the clone so repeated runs (and CI on this machine) stay fast.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/sluice-target}
+export SLUICE_SERVICES=${SLUICE_SERVICES:-/var/tmp/sluice-services}
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked
