@@ -178,6 +178,26 @@ pub struct ChangeEvent {
     pub toast_fetched: bool,
 }
 
+impl ChangeEvent {
+    /// Roughly how much memory the event holds, for byte-bounded batches.
+    pub fn approx_size(&self) -> usize {
+        let rows = [Some(&self.key), self.before.as_ref(), self.after.as_ref()];
+        96 + rows.into_iter().flatten().flat_map(|r| r.iter()).map(Value::approx_size).sum::<usize>()
+    }
+}
+
+impl Value {
+    /// Roughly how much memory the value holds.
+    pub fn approx_size(&self) -> usize {
+        16 + match self {
+            Value::Numeric(s) | Value::Text(s) | Value::Json(s) | Value::Enum(s) | Value::Other(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Array(items) => items.iter().map(Value::approx_size).sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// A column of a table schema.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Column {
@@ -221,9 +241,25 @@ pub enum ColumnType {
 pub struct TableSchema {
     pub table: TableId,
     pub columns: Vec<Column>,
+    /// Row size (bytes on disk) above which the server may move values out of line
+    /// (`toast_tuple_target`); 0 when the table has no TOAST storage at all.
+    pub toast_target: u32,
 }
 
 impl TableSchema {
+    /// Whether the server may have stored some value of `row` out of line, so that a later
+    /// update could omit it. PostgreSQL externalizes values only from tuples larger than
+    /// `toast_tuple_target`; the row's on-disk size is bounded from above by 24 bytes of header
+    /// plus, per column, 32 bytes and eight times its text length (the widest ratio is a small
+    /// array or jsonb value, whose binary form is a few times its text).
+    pub fn may_toast(&self, row: &[Value]) -> bool {
+        if self.toast_target == 0 || !self.columns.iter().any(|c| c.toastable) {
+            return false;
+        }
+        let bound: usize = 24 + row.iter().map(|v| 32 + 8 * v.approx_size().saturating_sub(16)).sum::<usize>();
+        bound > self.toast_target as usize
+    }
+
     /// Indexes of the key columns, in column order.
     pub fn key_indexes(&self) -> Vec<usize> {
         (0..self.columns.len()).filter(|&i| self.columns[i].key).collect()

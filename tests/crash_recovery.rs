@@ -57,7 +57,7 @@ async fn kill_during_snapshot_resumes_without_starting_over() {
     let c = &db.client;
     c.batch_execute(
         "CREATE TABLE big (id int PRIMARY KEY, version int NOT NULL, payload text);
-         INSERT INTO big SELECT g, 1, repeat(md5(g::text), 3) FROM generate_series(1, 150000) g;",
+         INSERT INTO big SELECT g, 1, repeat(md5(g::text), 3) FROM generate_series(1, 300000) g;",
     )
     .await
     .unwrap();
@@ -66,7 +66,7 @@ async fn kill_during_snapshot_resumes_without_starting_over() {
     let mut killed_mid_snapshot = 0;
     for round in 0..4 {
         let running = Running::start(&file);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
         running.kill9();
         if let Some(p) = snapshot_progress(&db).await {
             if !p.done() && p.tables[0].rows > 0 {
@@ -79,7 +79,7 @@ async fn kill_during_snapshot_resumes_without_starting_over() {
              INSERT INTO big VALUES ({}, 1, 'new');
              DELETE FROM big WHERE id = {};",
             200_000 + round,
-            rng.random_range(1..150_000)
+            rng.random_range(1..300_000)
         ))
         .await
         .unwrap();

@@ -98,7 +98,14 @@ pub fn record_batch(schema: &TableSchema, arrow: &Arc<Schema>, events: &[&Change
         );
     }
     columns.push(Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.op.as_str()))));
-    columns.push(Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.position.to_string()))));
+    let mut positions = StringBuilder::with_capacity(events.len(), events.len() * 32);
+    let mut text = String::with_capacity(32);
+    for e in events {
+        text.clear();
+        write_position(&e.position, &mut text);
+        positions.append_value(&text);
+    }
+    columns.push(Arc::new(positions.finish()));
     columns.push(Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.position.lsn as i64))));
     columns.push(Arc::new(
         TimestampMicrosecondArray::from_iter_values(events.iter().map(|e| e.commit_ts_us)).with_timezone("UTC"),
@@ -262,6 +269,22 @@ fn array(ty: &ColumnType, dt: &DataType, values: &[&Value]) -> std::result::Resu
     })
 }
 
+/// Writes a position exactly as its `Display` does (fixed-width hex), without the formatter.
+fn write_position(p: &crate::event::Position, out: &mut String) {
+    fn hex(v: u64, width: usize, out: &mut String) {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        for i in (0..width).rev() {
+            out.push(DIGITS[((v >> (i * 4)) & 0xF) as usize] as char);
+        }
+    }
+    hex(p.lsn, 16, out);
+    out.push_str(match p.phase {
+        crate::event::Phase::Snapshot => "-s-",
+        crate::event::Phase::Change => "-c-",
+    });
+    hex(p.seq, 12, out);
+}
+
 fn format_timetz(micros: i64, offset: i32) -> String {
     let (h, m, s, us) = (micros / 3_600_000_000, micros / 60_000_000 % 60, micros / 1_000_000 % 60, micros % 1_000_000);
     let sign = if offset < 0 { '-' } else { '+' };
@@ -298,7 +321,17 @@ pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<Str
 
 #[cfg(test)]
 mod tests {
-    use super::unscaled;
+    use super::{unscaled, write_position};
+    use crate::event::Position;
+
+    #[test]
+    fn positions_are_written_like_display() {
+        for p in [Position::change(0x1_2345_6789, 7), Position::snapshot(u64::MAX, 0xFFFF_FFFF_FFFF)] {
+            let mut s = String::new();
+            write_position(&p, &mut s);
+            assert_eq!(s, p.to_string());
+        }
+    }
 
     #[test]
     fn decimals_scale_exactly_or_refuse() {

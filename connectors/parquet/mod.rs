@@ -70,6 +70,8 @@ pub struct ParquetSink {
     accepted: u64,
     files_written: u64,
     rows_written: u64,
+    /// The partition of the previous record, which the next one almost always shares.
+    last_partition: Option<(u32, i64, String)>,
 }
 
 impl ParquetSink {
@@ -96,6 +98,7 @@ impl ParquetSink {
             accepted: cursor,
             files_written: 0,
             rows_written: 0,
+            last_partition: None,
         })
     }
 
@@ -111,7 +114,19 @@ impl ParquetSink {
         Ok(entry)
     }
 
-    fn partition_of(&self, e: &ChangeEvent) -> String {
+    fn partition_of(&mut self, e: &ChangeEvent) -> String {
+        let day = e.commit_ts_us.div_euclid(86_400_000_000);
+        if let Some((id, d, p)) = &self.last_partition {
+            if *id == e.schema_id && *d == day {
+                return p.clone();
+            }
+        }
+        let p = self.partition_name(e);
+        self.last_partition = Some((e.schema_id, day, p.clone()));
+        p
+    }
+
+    fn partition_name(&self, e: &ChangeEvent) -> String {
         let table = format!("{}.{}", e.table.schema, e.table.name);
         match self.cfg.partition_by {
             PartitionBy::None => table,

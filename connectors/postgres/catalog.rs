@@ -120,7 +120,26 @@ impl Catalog {
             let (ty, toastable) = self.column_type(*oid, *typmod).await?;
             columns.push(Column { name: name.clone(), ty, key: pk.contains(name), toastable });
         }
-        Ok(TableSchema { table, columns })
+        let toast_target = self.toast_target(&table).await?;
+        Ok(TableSchema { table, columns, toast_target })
+    }
+
+    /// The table's `toast_tuple_target` (2032 unless set), or 0 when it has no TOAST table.
+    async fn toast_target(&self, table: &TableId) -> Result<u32> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT c.reltoastrelid <> 0, coalesce((SELECT split_part(o, '=', 2)::int FROM unnest(c.reloptions) o \
+                 WHERE o LIKE 'toast_tuple_target=%'), 2032) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(|e| query_error("catalog", e))?;
+        Ok(match row {
+            Some(r) if r.get::<_, bool>(0) => r.get::<_, i32>(1).max(0) as u32,
+            _ => 0,
+        })
     }
 
     /// The primary key of a table by OID, for refreshing a schema after a Relation message.

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A log commit is due after this many events or bytes (or 20 ms), whichever comes first.
+const MAX_BATCH_EVENTS: usize = 20_000;
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
 /// The meta key of the last acknowledged (durable) LSN.
 const ACK_KEY: &str = "pg.ack";
 
@@ -205,7 +209,7 @@ impl PostgresSource {
         mut stream: ReplicationStream,
         cancel: CancellationToken,
     ) -> Result<()> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let feedback = stream.feedback();
         // The reader owns the connection; dropping its future mid-read would corrupt the stream,
         // so it stops only through the cancellation token.
@@ -249,7 +253,7 @@ impl PostgresSource {
                 };
                 let Some(msg) = msg else { break };
                 decoder.handle(msg?, &mut batch, catalog, &self.log, &self.progress).await?;
-                if batch.len() >= 20_000 {
+                if batch.len() >= MAX_BATCH_EVENTS || batch.bytes() >= MAX_BATCH_BYTES {
                     self.flush(&mut decoder, &mut batch, &feedback).await?;
                     batch_deadline = None;
                 } else if batch_deadline.is_none() && (!batch.is_empty() || decoder.ack_pending()) {

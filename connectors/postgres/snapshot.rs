@@ -89,16 +89,22 @@ pub async fn run(
         .await
         .map_err(|e| query_error("snapshot: import exported snapshot", e))?;
     for t in tables {
+        // Unknown until the first chunk, which is therefore small.
+        let mut avg_row_bytes: Option<usize> = None;
         let idx = progress.tables.iter().position(|p| p.table == t.schema.table).expect("progress lists every table");
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
                 return Ok(());
             }
-            let chunk = read_chunk(&tx, &t.schema, progress.tables[idx].last_key.as_deref(), chunk_rows).await?;
+            let limit = chunk_limit(chunk_rows, avg_row_bytes);
+            let chunk = read_chunk(&tx, &t.schema, progress.tables[idx].last_key.as_deref(), limit).await?;
             let p = &mut progress.tables[idx];
             let mut batch = WriteBatch::new();
             batch.uses_schema(t.schema_id, &t.schema);
             let n = chunk.rows.len() as u64;
+            if n > 0 {
+                avg_row_bytes = Some(chunk.bytes / n as usize);
+            }
             for (i, row) in chunk.rows.into_iter().enumerate() {
                 let key = t.schema.key_indexes().iter().map(|&k| row[k].clone()).collect();
                 batch.append(ChangeEvent {
@@ -115,7 +121,7 @@ pub async fn run(
                 });
             }
             p.rows += n;
-            p.done = n < chunk_rows;
+            p.done = n < limit;
             if chunk.last_key.is_some() {
                 p.last_key = chunk.last_key;
             }
@@ -130,9 +136,22 @@ pub async fn run(
     Ok(())
 }
 
+/// Bytes of COPY text one chunk may hold, so memory stays flat however wide the rows.
+const CHUNK_BYTES: usize = 32 * 1024 * 1024;
+
+/// Rows in the next chunk: at most `configured`, and about [`CHUNK_BYTES`] of text.
+fn chunk_limit(configured: u64, avg_row_bytes: Option<usize>) -> u64 {
+    match avg_row_bytes {
+        None => configured.min(1000),
+        Some(avg) => configured.min((CHUNK_BYTES / avg.max(1)) as u64).max(1),
+    }
+}
+
 struct Chunk {
     rows: Vec<Vec<Value>>,
     last_key: Option<Vec<String>>,
+    /// COPY text bytes read.
+    bytes: usize,
 }
 
 async fn read_chunk(
@@ -161,6 +180,7 @@ async fn read_chunk(
     let key_idx = schema.key_indexes();
     let mut rows = Vec::new();
     let mut last_key = None;
+    let mut bytes = 0;
     let mut pending: Vec<u8> = Vec::new();
     let mut handle_line = |line: &[u8], rows: &mut Vec<Vec<Value>>| -> Result<()> {
         let fields = split_copy_line(line)?;
@@ -185,6 +205,7 @@ async fn read_chunk(
     };
     while let Some(chunk) = stream.next().await {
         let chunk: Bytes = chunk.map_err(|e| query_error("snapshot COPY", e))?;
+        bytes += chunk.len();
         pending.extend_from_slice(&chunk);
         let mut start = 0;
         while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
@@ -196,7 +217,7 @@ async fn read_chunk(
     if !pending.is_empty() {
         handle_line(&pending, &mut rows)?;
     }
-    Ok(Chunk { rows, last_key })
+    Ok(Chunk { rows, last_key, bytes })
 }
 
 /// Splits one line of COPY text format into fields (`None` for `\N`), undoing its escapes.

@@ -39,7 +39,16 @@ impl ToastResolver {
         log: &EmbeddedLog,
         client: &Client,
     ) -> Result<()> {
-        if !schema.columns.iter().any(|c| c.toastable) {
+        if !schema.columns.iter().any(|c| c.toastable) || schema.toast_target == 0 {
+            return Ok(());
+        }
+        let has_unchanged = event.after.as_ref().is_some_and(|a| a.contains(&Value::UnchangedToast));
+        if !has_unchanged && event.after.as_ref().is_some_and(|a| !schema.may_toast(a)) {
+            // Small rows are never remembered (see TableSchema::may_toast); only forget a
+            // pending entry an earlier large version of this row may have left.
+            if !self.pending.is_empty() || !self.streams.is_empty() {
+                self.forget(stream, toast_key(&event.table, &event.key));
+            }
             return Ok(());
         }
         let key = toast_key(&event.table, &event.key);

@@ -18,6 +18,8 @@ pub struct WriteBatch {
     /// Schemas of the tables in this batch, to keep TOAST state for their toastable columns.
     schemas: HashMap<u32, Arc<TableSchema>>,
     events: usize,
+    /// Approximate memory held by the batch's events.
+    bytes: usize,
 }
 
 enum Step {
@@ -54,6 +56,11 @@ impl WriteBatch {
         self.events
     }
 
+    /// Approximate bytes held by the batch's events, to bound memory as well as count.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
@@ -65,11 +72,13 @@ impl WriteBatch {
 
     pub fn append(&mut self, event: ChangeEvent) {
         self.events += 1;
+        self.bytes += event.approx_size();
         self.steps.push(Step::Append(event));
     }
 
     pub fn stage(&mut self, top_xid: u32, sub_xid: u32, seq: u64, event: ChangeEvent) {
         self.events += 1;
+        self.bytes += event.approx_size();
         self.steps.push(Step::Stage { top_xid, sub_xid, seq, event });
     }
 
@@ -99,13 +108,13 @@ impl WriteBatch {
             let mut toast = tx.open_table(TOAST)?;
             let mut meta = tx.open_table(META)?;
             let mut schemas = tx.open_table(SCHEMAS)?;
-            let mut buf = Vec::with_capacity(512);
             // A source that resumes before a partly written transaction resends it; changes at
             // or below the last appended position are already in the log.
             let mut last_change: Option<Position> = match meta.get(LAST_CHANGE)? {
                 Some(v) => Some(postcard::from_bytes(v.value())?),
                 None => None,
             };
+            let mut segment = Segment::default();
             let mut append = |event: &ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
                 if event.position.phase == Phase::Change {
                     if last_change.is_some_and(|last| event.position <= last) {
@@ -114,10 +123,10 @@ impl WriteBatch {
                     last_change = Some(event.position);
                 }
                 head += 1;
-                buf.clear();
-                let encoded = postcard::to_extend(event, std::mem::take(&mut buf))?;
-                events.insert(head, encoded.as_slice())?;
-                buf = encoded;
+                segment.push(head, event)?;
+                if segment.full() {
+                    segment.flush(&mut events)?;
+                }
                 if let Some(schema) = self.schemas.get(&event.schema_id) {
                     keep_toast_state(toast, schema, event)?;
                 }
@@ -161,6 +170,7 @@ impl WriteBatch {
                     }
                 }
             }
+            segment.flush(&mut events)?;
             if let Some(last) = last_change {
                 meta.insert(LAST_CHANGE, postcard::to_allocvec(&last)?.as_slice())?;
             }
@@ -171,16 +181,81 @@ impl WriteBatch {
     }
 }
 
+/// Events are stored in segments of up to this many events or bytes: one B-tree entry per
+/// segment instead of per event.
+const SEGMENT_EVENTS: usize = 1024;
+const SEGMENT_BYTES: usize = 1024 * 1024;
+
+/// Events being packed into one log entry: the first offset (8 bytes, little-endian), then the
+/// postcard encodings of the events back to back. The entry's key is its last offset.
+#[derive(Default)]
+struct Segment {
+    buf: Vec<u8>,
+    count: usize,
+    last: u64,
+}
+
+impl Segment {
+    fn push(&mut self, offset: u64, event: &ChangeEvent) -> Result<()> {
+        if self.count == 0 {
+            self.buf.clear();
+            self.buf.extend_from_slice(&offset.to_le_bytes());
+        }
+        self.buf = postcard::to_extend(event, std::mem::take(&mut self.buf))?;
+        self.count += 1;
+        self.last = offset;
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.count >= SEGMENT_EVENTS || self.buf.len() >= SEGMENT_BYTES
+    }
+
+    fn flush(&mut self, events: &mut redb::Table<u64, &[u8]>) -> Result<()> {
+        if self.count > 0 {
+            events.insert(self.last, self.buf.as_slice())?;
+            self.count = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a segment into `(offset, event, encoded bytes)`.
+pub(super) fn decode_segment(raw: &[u8]) -> Result<Vec<(u64, ChangeEvent, usize)>> {
+    let first = segment_first(raw);
+    let mut rest = &raw[8.min(raw.len())..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (event, tail) = postcard::take_from_bytes::<ChangeEvent>(rest)?;
+        out.push((first + out.len() as u64, event, rest.len() - tail.len()));
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// The first offset of a segment.
+pub(super) fn segment_first(raw: &[u8]) -> u64 {
+    raw.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
 /// Keeps the last seen value of every toastable column per key, so a later update that leaves a
 /// TOASTed value out can be given the value that was current at that change.
 fn keep_toast_state(toast: &mut redb::Table<&[u8], &[u8]>, schema: &TableSchema, event: &ChangeEvent) -> Result<()> {
     let toastable: Vec<usize> = (0..schema.columns.len()).filter(|&i| schema.columns[i].toastable).collect();
-    if toastable.is_empty() {
+    if toastable.is_empty() || schema.toast_target == 0 {
         return Ok(());
     }
     match event.op {
         Op::Insert | Op::Update | Op::Read => {
             let Some(after) = &event.after else { return Ok(()) };
+            if !schema.may_toast(after) {
+                // Nothing of this version is out of line, so no later update can omit it. A
+                // read or insert never had an entry; an update may leave an older one behind.
+                if event.op == Op::Update {
+                    toast.remove(toast_key(&event.table, &event.key).as_slice())?;
+                }
+                return Ok(());
+            }
             let entry = ToastEntry {
                 position: event.position,
                 values: toastable

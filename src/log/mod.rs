@@ -10,6 +10,8 @@ mod batch;
 mod toast;
 
 pub use batch::WriteBatch;
+
+use batch::{decode_segment, segment_first};
 pub use toast::{toast_key, ToastEntry};
 
 use crate::error::{Error, Result};
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// Segments of events, keyed by the offset of their last event (see `batch::Segment`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("sink_cursors");
 const SINK_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("sink_state");
@@ -116,11 +119,16 @@ impl EmbeddedLog {
             let events = rx.open_table(EVENTS)?;
             let mut out = Vec::new();
             let mut bytes = 0;
+            // The first segment whose last offset is at or after `from` holds `from`.
             for entry in events.range(from..)? {
-                let (k, v) = entry?;
-                let raw = v.value();
-                bytes += raw.len();
-                out.push(LogRecord { offset: k.value(), event: postcard::from_bytes(raw)?, bytes: raw.len() });
+                let (_, v) = entry?;
+                for (offset, event, size) in decode_segment(v.value())? {
+                    if offset < from {
+                        continue;
+                    }
+                    bytes += size;
+                    out.push(LogRecord { offset, event, bytes: size });
+                }
                 if out.len() >= max_events || bytes >= max_bytes {
                     break;
                 }
@@ -167,8 +175,9 @@ impl EmbeddedLog {
         .await
     }
 
-    /// Deletes events that every listed sink has made durable; returns how many were deleted.
-    /// Deletes at most `limit` per call so one call never holds the writer for long.
+    /// Deletes segments whose events every listed sink has made durable; returns how many
+    /// segments were deleted. Deletes at most `limit` per call so one call never holds the
+    /// writer for long.
     pub async fn release(&self, sinks: &[String], limit: usize) -> Result<u64> {
         let db = self.db.clone();
         let sinks = sinks.to_vec();
@@ -181,20 +190,12 @@ impl EmbeddedLog {
                     floor = floor.min(cursors.get(s.as_str())?.map(|v| v.value()).unwrap_or(0));
                 }
                 let mut events = tx.open_table(EVENTS)?;
-                let first = match events.first()? {
-                    Some((k, _)) => k.value(),
-                    None => return Ok(0),
-                };
-                if first > floor {
-                    return Ok(0);
-                }
-                let upto = floor.min(first.saturating_add(limit as u64 - 1));
                 let mut removed = 0u64;
-                events.retain_in(first..=upto, |_, _| {
+                events.retain_in(..=floor, |_, _| {
                     removed += 1;
-                    false
+                    removed > limit as u64
                 })?;
-                removed
+                removed.min(limit as u64)
             };
             tx.commit()?;
             Ok(removed)
@@ -205,7 +206,7 @@ impl EmbeddedLog {
     /// The offset of the oldest event still held, if any.
     pub async fn tail(&self) -> Result<Option<u64>> {
         let db = self.db.clone();
-        blocking(move || Ok(db.begin_read()?.open_table(EVENTS)?.first()?.map(|(k, _)| k.value()))).await
+        blocking(move || Ok(db.begin_read()?.open_table(EVENTS)?.first()?.map(|(_, v)| segment_first(v.value())))).await
     }
 
     pub async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {

@@ -50,6 +50,8 @@ pub struct StatusReport {
     pub lag_seconds: f64,
     pub events_total: u64,
     pub events_per_second: f64,
+    /// When the newest data change was appended to the log (ms since the epoch).
+    pub last_data_ms: u64,
     pub snapshot_done: bool,
     pub toast_fetched: u64,
     pub log_head: u64,

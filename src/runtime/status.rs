@@ -73,6 +73,7 @@ impl Reporter {
             lag_seconds,
             events_total: events,
             events_per_second: rate,
+            last_data_ms: s.last_data_ms.load(Ordering::Acquire),
             snapshot_done: s.snapshot_done.load(Ordering::Acquire),
             toast_fetched: s.toast_fetched.load(Ordering::Relaxed),
             log_head: self.log.head(),
