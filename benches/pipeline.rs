@@ -169,6 +169,9 @@ async fn main() {
         .unwrap();
     }
     let end_lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    // A record past the end position, so pg_recvlogical stops as soon as it has decoded the
+    // workload instead of waiting for a keepalive.
+    db.execute("SELECT pg_logical_emit_message(false, 'bench', 'end')", &[]).await.unwrap();
     println!("workload: {changes} updates in {:.1}s, WAL {slot} .. {end_lsn}", workload.elapsed().as_secs_f64());
 
     let started = Instant::now();

@@ -78,7 +78,7 @@ async fn kill_during_snapshot_resumes_without_starting_over() {
             "UPDATE big SET version = version + 1 WHERE id % 997 = {round};
              INSERT INTO big VALUES ({}, 1, 'new');
              DELETE FROM big WHERE id = {};",
-            200_000 + round,
+            400_000 + round,
             rng.random_range(1..300_000)
         ))
         .await

@@ -333,6 +333,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any decimal that fits is scaled to exactly its unscaled integer.
+        #[test]
+        fn decimal_text_scales_to_its_integer(unscaled_value in -(10i128.pow(30))..10i128.pow(30), scale in 0u32..10) {
+            let digits = unscaled_value.unsigned_abs().to_string();
+            let padded = format!("{digits:0>width$}", width = scale as usize + 1);
+            let (int, frac) = padded.split_at(padded.len() - scale as usize);
+            let sign = if unscaled_value < 0 { "-" } else { "" };
+            let text = if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") };
+            proptest::prop_assert_eq!(unscaled(&text, 38, scale as i8).unwrap(), unscaled_value.to_string());
+        }
+    }
+
     #[test]
     fn decimals_scale_exactly_or_refuse() {
         assert_eq!(unscaled("12.5", 10, 3).unwrap(), "12500");

@@ -48,7 +48,7 @@ impl Catalog {
             .query_opt(
                 "SELECT c.oid, c.relreplident::text, c.relkind::text FROM pg_class c \
                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-                &[&id.schema, &id.name],
+                &[&&*id.schema, &&*id.name],
             )
             .await
             .map_err(|e| query_error("catalog", e))?
@@ -132,7 +132,7 @@ impl Catalog {
                 "SELECT c.reltoastrelid <> 0, coalesce((SELECT split_part(o, '=', 2)::int FROM unnest(c.reloptions) o \
                  WHERE o LIKE 'toast_tuple_target=%'), 2032) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2",
-                &[&table.schema, &table.name],
+                &[&&*table.schema, &&*table.name],
             )
             .await
             .map_err(|e| query_error("catalog", e))?;
