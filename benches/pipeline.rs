@@ -9,8 +9,13 @@
 //!
 //! No thresholds: the figures are printed, not asserted.
 
+#[allow(dead_code)]
+#[path = "../tests/support/lake.rs"]
+mod lake;
+
+use lake::parquet_files;
 use nix::sys::resource::{getrusage, UsageWho};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
@@ -66,21 +71,14 @@ fn status(data: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(data.join("status.json")).unwrap()).unwrap()
 }
 
-/// Newest modification time (ms since the epoch) of any file under `dir`.
+/// Newest modification time (ms since the epoch) of any Parquet file under `dir`.
 fn newest_file_ms(dir: &Path) -> u64 {
-    let mut newest = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(m.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64);
-            }
-        }
-    }
-    newest
+    parquet_files(dir)
+        .iter()
+        .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
+        .map(|m| m.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
+        .max()
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -284,22 +282,6 @@ async fn main() {
         streamed.wall.as_secs_f64()
     );
     let _ = admin.execute("SELECT pg_drop_replication_slot('sluice_bench')", &[]).await;
-}
-
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Commit times (seconds since the epoch) of every row in a changelog file.

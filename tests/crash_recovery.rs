@@ -9,29 +9,7 @@ use sluice::log::EmbeddedLog;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use support::lake::{changelog, duplicate_positions, replay, ChangeRow};
-use support::{run_until_idle, Running, TestDb};
-
-fn seed() -> u64 {
-    let s = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("SLUICE_TEST_SEED={s}");
-    s
-}
-
-async fn table_state(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
-    let mut out = BTreeMap::new();
-    for m in client.simple_query(sql).await.unwrap() {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
-            let cols: BTreeMap<String, Option<String>> = row
-                .columns()
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.name().to_string(), row.get(i).map(str::to_string)))
-                .collect();
-            out.insert(cols["id"].clone().unwrap(), cols);
-        }
-    }
-    out
-}
+use support::{run_until_idle, seed, table_state, Running, TestDb};
 
 fn assert_parity(rows: &[ChangeRow], expected: &BTreeMap<String, BTreeMap<String, Option<String>>>) {
     assert!(duplicate_positions(rows).is_empty(), "duplicate positions: {:?}", duplicate_positions(rows));

@@ -4,10 +4,9 @@ mod support;
 
 use arrow::array::*;
 use arrow::datatypes::{i256, DataType};
-use std::collections::BTreeMap;
 use std::time::Duration;
 use support::lake::{batches, changelog, duplicate_positions, files, replay};
-use support::{eventually, run_until_idle, slot_confirmed, Running, TestDb};
+use support::{eventually, run_until_idle, seed, slot_confirmed, table_state, Running, TestDb};
 
 const ALL_TYPES: &str = "
 CREATE TYPE mood AS ENUM ('sad', 'happy');
@@ -166,22 +165,6 @@ print(json.dumps({
     assert_eq!(v["duck"], serde_json::json!([3, 4294967294i64, "12345.678"]));
 }
 
-/// The table as text, keyed by id, for comparison with a replayed changelog.
-async fn table_state(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
-    let rows = client.simple_query(sql).await.unwrap();
-    let mut out = BTreeMap::new();
-    for m in rows {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
-            let mut cols = BTreeMap::new();
-            for (i, c) in row.columns().iter().enumerate() {
-                cols.insert(c.name().to_string(), row.get(i).map(str::to_string));
-            }
-            out.insert(cols["id"].clone().unwrap(), cols);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn random_workload_with_toast_replays_to_the_final_table() {
     let db = TestDb::new("workload").await;
@@ -326,12 +309,6 @@ async fn an_idle_publication_does_not_pin_wal_while_another_database_writes() {
     })
     .await;
     assert!(running.terminate().success());
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("SLUICE_TEST_SEED={s}");
-    s
 }
 
 use rand::rngs::StdRng;

@@ -17,10 +17,15 @@ pub struct ChangeRow {
     pub columns: BTreeMap<String, Option<String>>,
 }
 
-/// Every Parquet file of a table's dataset, recursively.
+/// Every Parquet file of a table's dataset, in name order.
 pub fn files(lake: &Path, table: &str) -> Vec<PathBuf> {
+    parquet_files(&lake.join(table))
+}
+
+/// Every Parquet file below `dir`, in name order.
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![lake.join(table)];
+    let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries.flatten() {

@@ -213,6 +213,34 @@ where
     }
 }
 
+/// The random seed of a randomized test: SLUICE_TEST_SEED to replay one, printed either way.
+pub fn seed() -> u64 {
+    let s = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("SLUICE_TEST_SEED={s}");
+    s
+}
+
+/// A table as text (column name to value), keyed by its `id` column, for comparison with a
+/// replayed changelog.
+pub async fn table_state(
+    client: &Client,
+    sql: &str,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<String>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for m in client.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            let cols: std::collections::BTreeMap<String, Option<String>> = row
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name().to_string(), row.get(i).map(str::to_string)))
+                .collect();
+            out.insert(cols["id"].clone().unwrap(), cols);
+        }
+    }
+    out
+}
+
 /// The slot's confirmed flush LSN as a number.
 pub async fn slot_confirmed(client: &Client, slot: &str) -> Option<u64> {
     let row = client
