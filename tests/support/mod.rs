@@ -158,13 +158,18 @@ pub fn run_until_idle(file: &Path) -> String {
     stderr
 }
 
-/// A `sluice run` in the background.
-pub struct Running(pub Child);
+/// A `sluice run` in the background, logging to its own file.
+pub struct Running {
+    pub child: Child,
+    pub log: PathBuf,
+}
 
 impl Running {
     pub fn start(file: &Path) -> Self {
-        let log =
-            std::fs::File::create(file.with_extension(format!("log.{}", Instant::now().elapsed().as_nanos()))).unwrap();
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path = file.with_extension(format!("run{n}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(sluice_bin())
             .args(["run", file.to_str().unwrap()])
             .current_dir(file.parent().unwrap())
@@ -173,27 +178,32 @@ impl Running {
             .stderr(log)
             .spawn()
             .unwrap();
-        Running(child)
+        Running { child, log: log_path }
+    }
+
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL: no chance to drain or checkpoint.
     pub fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
             .unwrap();
-        self.0.wait().unwrap()
+        self.child.wait().unwrap()
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
