@@ -88,6 +88,7 @@ pub async fn run(
     tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&snapshot.name)))
         .await
         .map_err(|e| query_error("snapshot: import exported snapshot", e))?;
+    let mut in_flight: Option<tokio::task::JoinHandle<Result<u64>>> = None;
     for t in tables {
         // Unknown until the first chunk, which is therefore small.
         let mut avg_row_bytes: Option<usize> = None;
@@ -128,7 +129,16 @@ pub async fn run(
             metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
             metrics::counter!("sluice_events_in_total").increment(n);
             batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
-            log.commit(batch).await?;
+            // One commit in flight while the next chunk is read; commits stay in order, and
+            // each carries the progress that matches its rows.
+            if let Some(previous) = in_flight.take() {
+                previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
+            }
+            let log = log.clone();
+            in_flight = Some(tokio::spawn(async move { log.commit(batch).await }));
+        }
+        if let Some(previous) = in_flight.take() {
+            previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
         }
         tracing::info!(table = %t.schema.table, rows = progress.tables[idx].rows, "snapshot of table complete");
     }

@@ -3,8 +3,8 @@
 use super::progress::SinkStatus;
 use super::sink::{Progress, Sink};
 use super::Shutdown;
-use crate::error::{ErrorClass, Result};
-use crate::log::EmbeddedLog;
+use crate::error::{Error, ErrorClass, Result};
+use crate::log::{EmbeddedLog, LogRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,12 +34,21 @@ impl SinkRunner {
         let mut last_tick = Instant::now();
         let mut last_state: Option<Vec<u8>> = None;
         self.publish(committed);
+        // The next read runs while the sink encodes the current one.
+        let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<LogRecord>>>> = None;
         while !self.shutdown.is_requested() {
             let head = self.log.head();
-            if next <= head {
+            if next <= head || prefetch.is_some() {
                 let started = Instant::now();
-                let records = self.log.read(next, READ_EVENTS, READ_BYTES).await?;
-                next = records.last().map(|r| r.offset + 1).unwrap_or(head + 1);
+                let records = match prefetch.take() {
+                    Some(read) => read.await.map_err(|e| Error::Storage(format!("log read: {e}")))??,
+                    None => self.log.read(next, READ_EVENTS, READ_BYTES).await?,
+                };
+                next = records.last().map(|r| r.offset + 1).unwrap_or(next);
+                if next <= self.log.head() {
+                    let log = self.log.clone();
+                    prefetch = Some(tokio::spawn(async move { log.read(next, READ_EVENTS, READ_BYTES).await }));
+                }
                 self.sink.write(records).await?;
                 metrics::histogram!("sluice_sink_batch_seconds", "sink" => self.name.clone())
                     .record(started.elapsed().as_secs_f64());
