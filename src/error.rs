@@ -1,7 +1,5 @@
 //! Errors carry a class that decides what the runtime does with them.
 
-use std::time::Duration;
-
 /// What the runtime should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -19,7 +17,7 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
     #[error("{context}: {message}")]
-    Retryable { context: String, message: String, retry_after: Option<Duration> },
+    Retryable { context: String, message: String },
     #[error("{context}: {message}")]
     Permanent { context: String, message: String },
     #[error("embedded log: {0}")]
@@ -44,7 +42,7 @@ impl Error {
     }
 
     pub fn retryable(context: impl Into<String>, message: impl ToString) -> Self {
-        Error::Retryable { context: context.into(), message: message.to_string(), retry_after: None }
+        Error::Retryable { context: context.into(), message: message.to_string() }
     }
 
     pub fn permanent(context: impl Into<String>, message: impl ToString) -> Self {

@@ -135,6 +135,7 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
         Err(e) => println!("  slot {}: unavailable ({e})", pg.slot),
     }
     println!("  snapshot done: {}", report.snapshot_done);
+    println!("  unchanged TOAST values fetched from the source since start: {}", report.toast_fetched);
     println!(
         "  changes streamed since start: {}, {:.0}/s, lag {:.1}s",
         report.events_total, report.events_per_second, report.lag_seconds

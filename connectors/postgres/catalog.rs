@@ -277,16 +277,6 @@ impl Catalog {
         let lsn: Option<String> = row.get(2);
         Ok(lsn.as_deref().and_then(crate::event::parse_lsn))
     }
-
-    /// The server's current WAL position.
-    pub async fn current_wal_lsn(&self) -> Result<u64> {
-        let row = self
-            .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(|e| query_error("wal position", e))?;
-        crate::event::parse_lsn(row.get(0)).ok_or_else(|| Error::permanent("wal position", "unparseable LSN"))
-    }
 }
 
 fn publication_error(name: &str, e: tokio_postgres::Error) -> Error {

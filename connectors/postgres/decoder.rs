@@ -107,7 +107,40 @@ impl Decoder {
         log: &EmbeddedLog,
         progress: &SourceProgress,
     ) -> Result<()> {
-        match msg.message {
+        let fetched = match msg.message {
+            M::Insert { relation_id, tuple } => {
+                self.change(relation_id, Op::Insert, None, Some(tuple), msg.stream_xid, batch, catalog, log).await?
+            }
+            M::Update { relation_id, old_tuple, new_tuple, .. } => {
+                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.stream_xid, batch, catalog, log)
+                    .await?
+            }
+            M::Delete { relation_id, old_tuple, .. } => {
+                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.stream_xid, batch, catalog, log).await?
+            }
+            other => {
+                self.control(other, msg.wal_end, msg.stream_xid, batch, catalog, progress).await?;
+                false
+            }
+        };
+        if fetched {
+            progress.toast_fetched.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("sluice_toast_fetched_total").increment(1);
+        }
+        Ok(())
+    }
+
+    /// Everything but row changes: transaction boundaries, schemas, streaming, messages.
+    async fn control(
+        &mut self,
+        message: M,
+        wal_end: u64,
+        stream_xid: Option<u32>,
+        batch: &mut WriteBatch,
+        catalog: &mut Catalog,
+        progress: &SourceProgress,
+    ) -> Result<()> {
+        match message {
             M::Begin { final_lsn, timestamp, xid } => {
                 self.tx = Some(OpenTx {
                     commit_lsn: final_lsn,
@@ -140,24 +173,13 @@ impl Decoder {
                 }
                 self.relations.insert(relation_id, Relation { schema_id, schema });
             }
-            M::Insert { relation_id, tuple } => {
-                self.change(relation_id, Op::Insert, None, Some(tuple), msg.stream_xid, batch, catalog, log).await?;
-            }
-            M::Update { relation_id, old_tuple, new_tuple, .. } => {
-                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.stream_xid, batch, catalog, log)
-                    .await?;
-            }
-            M::Delete { relation_id, old_tuple, .. } => {
-                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.stream_xid, batch, catalog, log)
-                    .await?;
-            }
             M::Truncate { relation_ids, .. } => {
                 for rel in relation_ids {
                     let Some(r) = self.relations.get(&rel) else { continue };
                     let (schema_id, schema) = (r.schema_id, r.schema.clone());
                     self.toast.truncate(&schema.table);
                     let event = self.event(&schema, schema_id, Op::Truncate, Vec::new(), None, None);
-                    self.emit(event, &schema, schema_id, msg.stream_xid, batch);
+                    self.emit(event, &schema, schema_id, stream_xid, batch);
                 }
             }
             M::StreamStart { xid, .. } => self.stream = Some(xid),
@@ -181,7 +203,7 @@ impl Decoder {
                 if !transactional && self.tx.is_none() {
                     // Nothing of an open transaction precedes a non-transactional message here,
                     // so its position is safe to acknowledge once the batch is durable.
-                    self.ack = Some(msg.wal_end);
+                    self.ack = Some(wal_end);
                     if prefix == HEARTBEAT_PREFIX {
                         let text = String::from_utf8_lossy(&content);
                         if let Some(ms) = text.strip_prefix(&format!("{}:", self.pipeline)).and_then(|t| t.parse().ok())
@@ -213,8 +235,8 @@ impl Decoder {
         batch: &mut WriteBatch,
         catalog: &mut Catalog,
         log: &EmbeddedLog,
-    ) -> Result<()> {
-        let Some(r) = self.relations.get(&relation_id) else { return Ok(()) };
+    ) -> Result<bool> {
+        let Some(r) = self.relations.get(&relation_id) else { return Ok(false) };
         let (schema_id, schema) = (r.schema_id, r.schema.clone());
         let before = old.map(|t| row(&schema, &t)).transpose()?;
         let after = new.map(|t| row(&schema, &t)).transpose()?;
@@ -224,8 +246,9 @@ impl Decoder {
         let before = before.filter(|b| b.iter().enumerate().any(|(i, v)| !schema.columns[i].key && *v != Value::Null));
         let mut event = self.event(&schema, schema_id, op, key, before, after);
         self.toast.resolve(&mut event, &schema, self.stream, log, catalog.client()).await?;
+        let fetched = event.toast_fetched;
         self.emit(event, &schema, schema_id, stream_xid, batch);
-        Ok(())
+        Ok(fetched)
     }
 
     fn event(

@@ -13,7 +13,7 @@ pub use catalog::Catalog;
 
 use crate::config::{PostgresSourceConfig, SnapshotMode};
 use crate::error::{Error, Result};
-use crate::event::{format_lsn, TableSchema};
+use crate::event::format_lsn;
 use crate::log::{EmbeddedLog, WriteBatch};
 use crate::runtime::progress::{now_ms, SourceProgress};
 use crate::runtime::Shutdown;
@@ -123,7 +123,6 @@ impl PostgresSource {
         let mut stream =
             ReplicationStream::connect(&self.cfg.conn, &self.cfg.slot, &self.cfg.publication, false, cancel.clone())
                 .await?;
-        let mut snapshot_client = None;
         let exported = if slot_lsn.is_none() {
             let name = stream.create_slot().await?;
             tracing::info!(slot = %self.cfg.slot, "created replication slot");
@@ -165,11 +164,9 @@ impl PostgresSource {
             if self.shutdown.is_requested() {
                 return Ok(());
             }
-            snapshot_client = Some(client);
         } else if let Some(name) = exported {
             tracing::debug!(snapshot = %name, "snapshot: never; exported snapshot unused");
         }
-        drop(snapshot_client);
         if !self.progress.snapshot_done.swap(true, Ordering::AcqRel) {
             self.progress.last_data_ms.store(now_ms(), Ordering::Release);
         }
@@ -343,6 +340,3 @@ async fn heartbeat(
         }
     }
 }
-
-/// Schemas by table, for the sinks' and status' benefit.
-pub type SchemaMap = std::collections::HashMap<u32, Arc<TableSchema>>;

@@ -25,8 +25,6 @@ pub struct ToastResolver {
     pending: HashMap<Vec<u8>, Values>,
     /// Values of changes staged by each streamed transaction still in progress.
     streams: HashMap<u32, HashMap<Vec<u8>, Values>>,
-    /// Rows fetched from the source since start, for `sluice status` and metrics.
-    pub fetched: u64,
 }
 
 impl ToastResolver {
@@ -87,7 +85,6 @@ impl ToastResolver {
                     after[i] = v;
                 }
                 event.toast_fetched = true;
-                self.fetched += 1;
             }
         }
         let values: Values = schema

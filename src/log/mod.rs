@@ -265,23 +265,6 @@ impl EmbeddedLog {
         .await
     }
 
-    /// Bytes and entries of TOAST state, for `sluice status`.
-    pub async fn toast_usage(&self) -> Result<(u64, u64)> {
-        let db = self.db.clone();
-        blocking(move || {
-            let rx = db.begin_read()?;
-            let mut n = 0;
-            let mut bytes = 0;
-            for entry in rx.open_table(TOAST)?.iter()? {
-                let (k, v) = entry?;
-                n += 1;
-                bytes += (k.value().len() + v.value().len()) as u64;
-            }
-            Ok((n, bytes))
-        })
-        .await
-    }
-
     /// Drops every staged event (used at start: the server resends unfinished transactions).
     pub async fn clear_staging(&self) -> Result<()> {
         let db = self.db.clone();

@@ -39,6 +39,8 @@ fn register_metrics(sinks: &[String]) {
     describe_counter!("sluice_retries_total", "Retries after transient errors, by stage");
     describe_gauge!("sluice_sink_behind_events", "Events in the log not yet durable in the sink");
     describe_counter!("sluice_snapshot_rows_total", "Rows read by the initial snapshot");
+    describe_counter!("sluice_toast_fetched_total", "Changes whose unchanged TOAST value was read from the source");
+    counter!("sluice_toast_fetched_total").increment(0);
     counter!("sluice_events_in_total").increment(0);
     counter!("sluice_retries_total", "stage" => "source").increment(0);
     gauge!("sluice_source_lag_bytes").set(0.0);
