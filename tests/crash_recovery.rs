@@ -91,7 +91,7 @@ async fn kill_during_streaming_loses_and_duplicates_nothing() {
         .unwrap();
     let file = db.pipeline_file(&["public.acct"], "", "");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     let seed = seed();
     let name = db.name.clone();
     let workload = tokio::spawn(async move {
@@ -134,7 +134,7 @@ async fn kill_during_streaming_loses_and_duplicates_nothing() {
         running = Some(Running::start(&file));
     }
     workload.await.unwrap();
-    assert!(running.take().unwrap().terminate().success());
+    running.take().unwrap().stop();
     run_until_idle(&file);
 
     let rows = changelog(&db.lake_dir(), "public.acct");

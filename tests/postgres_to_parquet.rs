@@ -180,7 +180,7 @@ async fn random_workload_with_toast_replays_to_the_final_table() {
     .unwrap();
     let file = db.pipeline_file(&["public.items"], "", "");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     let mut rng = StdRng::seed_from_u64(seed());
     let mut next_id = 301;
     for round in 0..60 {
@@ -218,7 +218,7 @@ async fn random_workload_with_toast_replays_to_the_final_table() {
     }
     // A transaction large enough to be streamed while in progress (protocol v2).
     c.batch_execute("UPDATE items SET version = version + 1, val = repeat('L', 200) WHERE id <= 250").await.unwrap();
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
 
     let rows = changelog(&db.lake_dir(), "public.items");
@@ -246,7 +246,7 @@ async fn schema_changes_mid_stream_start_new_files() {
         .unwrap();
     let file = db.pipeline_file(&["public.s"], "", "    roll: { max_rows: 1000, max_age: 1h }\n");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     c.batch_execute(
         "INSERT INTO s VALUES (2, 'y', 2), (5, 'y', 5);
          ALTER TABLE s ADD COLUMN c jsonb; INSERT INTO s VALUES (3, 'z', 3, '{\"k\": 1}'), (6, 'z', 6, NULL);
@@ -255,7 +255,7 @@ async fn schema_changes_mid_stream_start_new_files() {
     )
     .await
     .unwrap();
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
     let rows = changelog(&db.lake_dir(), "public.s");
     let summary: Vec<(String, String, Vec<String>)> = rows
@@ -297,7 +297,7 @@ async fn an_idle_publication_does_not_pin_wal_while_another_database_writes() {
     db.client.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)").await.unwrap();
     let file = db.pipeline_file(&["public.quiet"], "", "");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     let slot = db.slot();
     // Another database writes a lot of WAL; nothing of it is in the publication.
     let other = TestDb::new("idle_other").await;
@@ -308,7 +308,7 @@ async fn an_idle_publication_does_not_pin_wal_while_another_database_writes() {
         slot_confirmed(&db.client, &slot).await.filter(|&c| c >= target as u64)
     })
     .await;
-    assert!(running.terminate().success());
+    running.stop();
 }
 
 use rand::rngs::StdRng;
@@ -321,7 +321,7 @@ async fn streamed_transactions_commit_abort_and_roll_back_savepoints() {
     c.batch_execute("CREATE TABLE st (id int PRIMARY KEY, pad text)").await.unwrap();
     let file = db.pipeline_file(&["public.st"], "", "");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     // Each of these transactions is far above logical_decoding_work_mem (64kB in the test
     // server), so the server streams it while in progress.
     c.batch_execute(
@@ -351,7 +351,7 @@ async fn streamed_transactions_commit_abort_and_roll_back_savepoints() {
         .unwrap()
         .get(0);
     assert!(streamed >= 2, "the server streamed {streamed} transactions in progress");
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
     let rows = changelog(&db.lake_dir(), "public.st");
     let count = |op: &str, f: &dyn Fn(i64) -> bool| {
@@ -379,13 +379,13 @@ async fn without_a_snapshot_unknown_toast_values_are_fetched_and_flagged() {
     .unwrap();
     let file = db.pipeline_file(&["public.docs"], "  snapshot: never\n", "");
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     // The first update leaves the TOASTed body out and sluice has never seen it: fetched.
     // The second one finds it in sluice's own state: not fetched.
     c.batch_execute("UPDATE docs SET title = 'first' WHERE id = 1; UPDATE docs SET title = 'second' WHERE id = 1;")
         .await
         .unwrap();
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
     let body: String = c.query_one("SELECT body FROM docs WHERE id = 1", &[]).await.unwrap().get(0);
     let mut seen = Vec::new();
@@ -417,7 +417,7 @@ async fn metrics_status_and_a_draining_sigterm() {
     let yaml = std::fs::read_to_string(&file).unwrap() + &format!("metrics:\n  listen: 127.0.0.1:{port}\n");
     std::fs::write(&file, yaml).unwrap();
     let running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     c.batch_execute("UPDATE m SET v = v + 1 WHERE id <= 10").await.unwrap();
     let body = eventually("metrics with the streamed changes", Duration::from_secs(30), || async {
         let body = http_get(port, "/metrics").await?;
@@ -437,7 +437,7 @@ async fn metrics_status_and_a_draining_sigterm() {
     }
     // With max_age 1h nothing is in the lake yet: SIGTERM closes the files and checkpoints.
     assert!(files(&db.lake_dir(), "public.m").is_empty());
-    assert!(running.terminate().success());
+    running.stop();
     let rows = changelog(&db.lake_dir(), "public.m");
     assert_eq!(rows.len(), 110);
     let out = support::sluice(&["status", file.to_str().unwrap()], file.parent().unwrap());
@@ -459,4 +459,37 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     Some(out)
+}
+
+#[tokio::test]
+async fn a_table_added_later_is_snapshotted_then_streamed() {
+    let db = TestDb::new("added").await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE first (id int PRIMARY KEY, v text); INSERT INTO first VALUES (1, 'a');
+         CREATE TABLE later (id int PRIMARY KEY, v text); INSERT INTO later SELECT g, 'old' FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    run_until_idle(&db.pipeline_file(&["public.first"], "", ""));
+    // Rows written while `later` is not captured must still arrive, through its snapshot.
+    c.batch_execute("INSERT INTO later VALUES (101, 'before added'); UPDATE later SET v = 'changed' WHERE id = 1;")
+        .await
+        .unwrap();
+    let file = db.pipeline_file(&["public.first", "public.later"], "", "");
+    let running = Running::start(&file);
+    db.await_streaming(&running).await;
+    c.batch_execute("INSERT INTO later VALUES (102, 'after added'); UPDATE later SET v = 'streamed' WHERE id = 2;")
+        .await
+        .unwrap();
+    running.stop();
+    run_until_idle(&file);
+
+    let rows = changelog(&db.lake_dir(), "public.later");
+    let ops = |op: &str| rows.iter().filter(|r| r.op == op).count();
+    assert_eq!((ops("read"), ops("insert"), ops("update")), (101, 1, 1));
+    assert!(duplicate_positions(&rows).is_empty());
+    assert_eq!(replay(&rows, "id"), table_state(c, "SELECT id, v FROM later").await);
+    // The first table was not read again.
+    assert_eq!(changelog(&db.lake_dir(), "public.first").len(), 1);
 }

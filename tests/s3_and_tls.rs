@@ -94,7 +94,7 @@ async fn tls_verify_full_against_the_local_ca() {
     let text = std::fs::read_to_string(&file).unwrap().replace(&db.url(), &secure);
     std::fs::write(&file, text).unwrap();
     let running = support::Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     db.client.batch_execute("INSERT INTO t VALUES (2, 'streamed over tls')").await.unwrap();
     // Both the replication session (found through its slot) and the catalog connection are
     // encrypted.
@@ -112,7 +112,7 @@ async fn tls_verify_full_against_the_local_ca() {
     assert!(sessions.iter().any(|(t, _)| t == "walsender"), "{sessions:?}");
     assert!(sessions.iter().any(|(t, _)| t == "client backend"), "{sessions:?}");
     assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
     let rows = changelog(&db.lake_dir(), "public.t");
     let vals: Vec<_> = rows.iter().map(|r| (r.op.as_str(), r.columns["v"].clone().unwrap())).collect();

@@ -20,7 +20,7 @@ async fn a_server_restart_mid_stream_resumes_without_loss() {
     db.client.batch_execute("CREATE TABLE r (id int PRIMARY KEY, v int NOT NULL)").await.unwrap();
     let file = db.pipeline_file(&["public.r"], "", "");
     let mut running = Running::start(&file);
-    db.await_streaming().await;
+    db.await_streaming(&running).await;
     db.client.batch_execute("INSERT INTO r SELECT g, 0 FROM generate_series(1, 1000) g").await.unwrap();
     restart_postgres();
     let client = eventually("PostgreSQL back", Duration::from_secs(60), || async {
@@ -46,7 +46,7 @@ async fn a_server_restart_mid_stream_resumes_without_loss() {
     let log = running.log_text();
     assert!(log.contains("source interrupted; reconnecting"), "{log}");
     assert!(log.matches("streaming changes").count() >= 2, "{log}");
-    assert!(running.terminate().success());
+    running.stop();
     run_until_idle(&file);
     let rows = changelog(&db.lake_dir(), "public.r");
     assert!(duplicate_positions(&rows).is_empty());

@@ -130,8 +130,16 @@ impl PostgresSource {
         } else {
             None
         };
-        if self.cfg.snapshot == SnapshotMode::Initial && progress.as_ref().is_none_or(|p| !p.done()) {
-            let p = progress.get_or_insert_with(|| SnapshotProgress::new(&self.cfg.tables, (now_ms() * 1000) as i64));
+        if self.cfg.snapshot == SnapshotMode::Initial {
+            let p = progress.get_or_insert_with(SnapshotProgress::default);
+            let added = p.configure(&self.cfg.tables);
+            if slot_lsn.is_some() && !added.is_empty() {
+                let names: Vec<String> = added.iter().map(|t| t.to_string()).collect();
+                tracing::info!(tables = %names.join(", "), "tables added to the pipeline; reading them at a new snapshot");
+            }
+        }
+        if self.cfg.snapshot == SnapshotMode::Initial && progress.as_ref().is_some_and(|p| !p.done()) {
+            let p = progress.as_mut().expect("checked above");
             let mut client = client::connect(&self.cfg.conn, "sluice snapshot").await?;
             match exported {
                 Some(name) => {

@@ -25,9 +25,6 @@ pub const PROGRESS_KEY: &str = "pg.snapshot";
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotProgress {
     pub tables: Vec<TableProgress>,
-    /// Time stamped on snapshot rows (microseconds since the epoch); fixed once chosen, so a
-    /// replay writes the same partitions.
-    pub started_us: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,22 +34,35 @@ pub struct TableProgress {
     /// Text of the last key read, per key column.
     pub last_key: Option<Vec<String>>,
     pub rows: u64,
+    /// Time stamped on the table's snapshot rows (microseconds since the epoch); fixed when
+    /// the table's first chunk is read, so a replay writes the same partitions.
+    pub started_us: Option<i64>,
 }
 
 impl SnapshotProgress {
-    pub fn new(tables: &[TableId], started_us: i64) -> Self {
-        Self {
-            tables: tables
-                .iter()
-                .map(|t| TableProgress { table: t.clone(), done: false, last_key: None, rows: 0 })
-                .collect(),
-            started_us,
-        }
+    /// Matches the progress to the configured tables: a table added to the pipeline since the
+    /// last run is read too (returned), one removed is forgotten.
+    pub fn configure(&mut self, tables: &[TableId]) -> Vec<TableId> {
+        self.tables.retain(|p| tables.contains(&p.table));
+        let added: Vec<TableId> =
+            tables.iter().filter(|t| !self.tables.iter().any(|p| &p.table == *t)).cloned().collect();
+        self.tables.extend(added.iter().map(|t| TableProgress {
+            table: t.clone(),
+            done: false,
+            last_key: None,
+            rows: 0,
+            started_us: None,
+        }));
+        added
     }
 
     pub fn done(&self) -> bool {
         self.tables.iter().all(|t| t.done)
     }
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
 }
 
 /// A table to read: its schema and the schema's id in the log.
@@ -93,6 +103,7 @@ pub async fn run(
         // Unknown until the first chunk, which is therefore small.
         let mut avg_row_bytes: Option<usize> = None;
         let idx = progress.tables.iter().position(|p| p.table == t.schema.table).expect("progress lists every table");
+        let started_us = *progress.tables[idx].started_us.get_or_insert_with(now_us);
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
                 return Ok(());
@@ -116,7 +127,7 @@ pub async fn run(
                     before: None,
                     after: Some(row),
                     position: Position::snapshot(lsn, p.rows + i as u64),
-                    commit_ts_us: progress.started_us,
+                    commit_ts_us: started_us,
                     tx_id: None,
                     toast_fetched: false,
                 });

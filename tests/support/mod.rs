@@ -57,13 +57,16 @@ impl TestDb {
         format!("sluice_{}", self.name)
     }
 
-    /// Waits until the pipeline has finished its snapshot and streams, so later writes are
-    /// captured as changes rather than read by the snapshot.
-    pub async fn await_streaming(&self) {
+    /// Waits until `running` has finished its snapshot and streams, so later writes are
+    /// captured as changes rather than read by the snapshot. Only a status written by that very
+    /// process counts: an earlier run's status file says nothing about this one.
+    pub async fn await_streaming(&self, running: &Running) {
         let status = self.data_dir().join("status.json");
+        let pid = running.child.id() as u64;
         eventually("the pipeline to stream", Duration::from_secs(60), || async {
             let raw = std::fs::read(&status).ok()?;
             let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+            v["pid"].as_u64().filter(|p| *p == pid)?;
             v["snapshot_done"].as_bool().filter(|d| *d)?;
             slot_confirmed(&self.client, &self.slot()).await
         })
@@ -192,7 +195,14 @@ impl Running {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, and assert a clean exit (showing the process's log if not).
+    pub fn stop(self) {
+        let log = self.log.clone();
+        let status = self.terminate();
+        assert!(status.success(), "sluice exited with {status}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    }
+
+    /// SIGTERM, then wait for the exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
             .unwrap();
