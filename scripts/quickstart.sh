@@ -20,6 +20,8 @@ rm -rf data/quickstart data/quickstart-lake
 psql <<'SQL'
 DROP TABLE IF EXISTS qs_orders, qs_customers;
 CREATE TABLE qs_customers (id int PRIMARY KEY, name text NOT NULL, email text, notes text);
+-- Out of line and uncompressed: updates that leave `notes` alone do not send it in the WAL.
+ALTER TABLE qs_customers ALTER COLUMN notes SET STORAGE EXTERNAL;
 CREATE TABLE qs_orders (
   id bigserial PRIMARY KEY, customer_id int NOT NULL, amount numeric(12,2), status text,
   created_at timestamptz DEFAULT now(), tags text[], meta jsonb);
@@ -38,7 +40,7 @@ echo "== sluice run --until-idle 2s  (initial snapshot)"
 echo "== changing rows, then capturing the changes"
 psql <<'SQL'
 UPDATE qs_orders SET status = 'paid' WHERE id % 10 = 0;
-UPDATE qs_customers SET email = 'vip' || id || '@example.com' WHERE id <= 5;  -- notes stay TOASTed
+UPDATE qs_customers SET email = 'vip' || id || '@example.com' WHERE id <= 5;  -- notes unchanged, TOASTed
 DELETE FROM qs_orders WHERE id % 100 = 1;
 INSERT INTO qs_orders (customer_id, amount, status) VALUES (1, 99.99, 'new');
 SQL
