@@ -104,6 +104,7 @@ pub async fn run(
         let mut avg_row_bytes: Option<usize> = None;
         let idx = progress.tables.iter().position(|p| p.table == t.schema.table).expect("progress lists every table");
         let started_us = *progress.tables[idx].started_us.get_or_insert_with(now_us);
+        let key_idx = t.schema.key_indexes();
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
                 return Ok(());
@@ -118,7 +119,7 @@ pub async fn run(
                 avg_row_bytes = Some(chunk.bytes / n as usize);
             }
             for (i, row) in chunk.rows.into_iter().enumerate() {
-                let key = t.schema.key_indexes().iter().map(|&k| row[k].clone()).collect();
+                let key = key_idx.iter().map(|&k| row[k].clone()).collect();
                 batch.append(ChangeEvent {
                     table: t.schema.table.clone(),
                     schema_id: t.schema_id,
@@ -198,11 +199,11 @@ async fn read_chunk(
     );
     let stream = tx.copy_out(&sql).await.map_err(|e| query_error("snapshot COPY", e))?;
     futures::pin_mut!(stream);
-    let key_idx = schema.key_indexes();
     let mut rows = Vec::new();
-    let mut last_key = None;
     let mut bytes = 0;
     let mut pending: Vec<u8> = Vec::new();
+    // The next chunk starts after the key of the last line; keep that line, not every key.
+    let mut last_line: Vec<u8> = Vec::new();
     let mut handle_line = |line: &[u8], rows: &mut Vec<Vec<Value>>| -> Result<()> {
         let fields = split_copy_line(line)?;
         if fields.len() != schema.columns.len() {
@@ -211,7 +212,8 @@ async fn read_chunk(
                 format!("expected {} fields, got {}", schema.columns.len(), fields.len()),
             ));
         }
-        last_key = Some(key_idx.iter().map(|&k| fields[k].clone().unwrap_or_default()).collect());
+        last_line.clear();
+        last_line.extend_from_slice(line);
         let row = fields
             .into_iter()
             .zip(&schema.columns)
@@ -238,6 +240,12 @@ async fn read_chunk(
     if !pending.is_empty() {
         handle_line(&pending, &mut rows)?;
     }
+    let last_key = if rows.is_empty() {
+        None
+    } else {
+        let fields = split_copy_line(&last_line)?;
+        Some(schema.key_indexes().iter().map(|&k| fields[k].clone().unwrap_or_default()).collect())
+    };
     Ok(Chunk { rows, last_key, bytes })
 }
 
