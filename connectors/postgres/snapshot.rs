@@ -107,6 +107,10 @@ pub async fn run(
         let key_idx = t.schema.key_indexes();
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
+                // Drain: the chunk being committed is durable before the source stops.
+                if let Some(previous) = in_flight.take() {
+                    previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
+                }
                 return Ok(());
             }
             let limit = chunk_limit(chunk_rows, avg_row_bytes);
