@@ -287,11 +287,8 @@ async fn main() {
 /// Commit times (seconds since the epoch) of every row in a changelog file.
 fn commit_times(file: &Path) -> Vec<f64> {
     use arrow::array::TimestampMicrosecondArray;
-    let f = std::fs::File::open(file).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
     let mut out = Vec::new();
-    for b in reader {
-        let b = b.unwrap();
+    for b in lake::batches(file) {
         let ts = b
             .column_by_name("_sluice_commit_ts")
             .unwrap()
