@@ -493,3 +493,18 @@ async fn a_table_added_later_is_snapshotted_then_streamed() {
     // The first table was not read again.
     assert_eq!(changelog(&db.lake_dir(), "public.first").len(), 1);
 }
+
+#[tokio::test]
+async fn a_sink_added_after_the_log_moved_on_is_refused_not_left_with_a_gap() {
+    let db = TestDb::new("new_sink").await;
+    db.client.batch_execute("CREATE TABLE n (id int PRIMARY KEY); INSERT INTO n VALUES (1);").await.unwrap();
+    let file = db.pipeline_file(&["public.n"], "", "");
+    run_until_idle(&file);
+    let second = format!("  - name: late\n    type: parquet\n    url: file://{}/late/\n", db.dir.path().display());
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap() + &second).unwrap();
+    let out = support::sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("sink late is new to pipeline"), "{err}");
+    assert!(err.contains("would miss them"), "{err}");
+}

@@ -74,9 +74,22 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let drain = Arc::new(AtomicBool::new(false));
     let mut statuses = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let tail = log.tail().await?;
     for cfg in &pipeline.sinks {
         let name = cfg.name().to_string();
         let cursor = log.cursor(&name).await?;
+        // A sink new to this pipeline starts at the beginning of the log; if the log has
+        // already released events, it would silently miss them.
+        let released = match tail {
+            Some(first) => first > 1,
+            None => log.head() > 0,
+        };
+        if cursor == 0 && log.sink_state(&name).await?.is_none() && released {
+            return Err(Error::config(format!(
+                "sink {name} is new to pipeline {}, but the log has already released the changes before it;                  it would miss them. Start the pipeline over with an empty transport path (a new slot name or                  after dropping the slot), or run the new sink as its own pipeline",
+                pipeline.name
+            )));
+        }
         let state = log.sink_state(&name).await?;
         let sink: Box<dyn Sink> = match cfg.clone() {
             SinkConfig::Parquet(p) => Box::new(ParquetSink::build(p, log.clone(), cursor, state).await?),
