@@ -13,6 +13,9 @@
 set -euo pipefail
 ROOT=${SLUICE_SERVICES:-/var/tmp/sluice-services}
 mkdir -p "$ROOT"/{logs,data,pids,tls}
+# Servers inherit this directory; the caller's (a test's temporary clone, say) may be deleted
+# while they run, and s3s-fs resolves paths through its working directory.
+cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
 started=$(date +%s)
 log() { echo "[services +$(( $(date +%s) - started ))s] $*"; }

@@ -2,23 +2,11 @@
 
 mod support;
 
-use aws_sdk_s3::config::{Credentials, Region};
 use support::lake::{batches, changelog};
-use support::{run_until_idle, TestDb};
+use support::{drop_bucket, run_until_idle, s3_client, TestDb};
 
 fn s3_endpoint() -> String {
     std::env::var("SLUICE_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9000".into())
-}
-
-fn s3_client() -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version_latest()
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "testtest", None, None, "tests"))
-        .endpoint_url(s3_endpoint())
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
 }
 
 fn ca_file() -> String {
@@ -80,6 +68,7 @@ async fn parquet_on_s3_with_multipart_upload() {
     let expected: String = db.client.query_one("SELECT body FROM events WHERE id = 42", &[]).await.unwrap().get(0);
     assert_eq!(rows[41].columns["body"].as_deref(), Some(expected.as_str()));
     assert!(batches(&local.join("f.parquet")).len() > 1, "row groups bound the writer's memory");
+    drop_bucket(&s3, &bucket).await;
 }
 
 #[tokio::test]

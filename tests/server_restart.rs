@@ -113,15 +113,7 @@ async fn uploads_are_retried_while_the_object_store_is_down() {
     run_until_idle(&file);
 
     // Everything landed once: read the objects back.
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version_latest()
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "testtest", None, None, "tests"))
-            .endpoint_url("http://127.0.0.1:9000")
-            .force_path_style(true)
-            .build(),
-    );
+    let s3 = support::s3_client();
     let listed = s3.list_objects_v2().bucket(&bucket).prefix("cdc/").send().await.unwrap();
     for obj in listed.contents() {
         let key = obj.key().unwrap();
@@ -135,4 +127,5 @@ async fn uploads_are_retried_while_the_object_store_is_down() {
     assert!(duplicate_positions(&rows).is_empty());
     assert_eq!(replay(&rows, "id"), table_state(&db.client, "SELECT id, v FROM o").await);
     assert_eq!(rows.iter().filter(|r| r.op == "insert").count(), 500);
+    support::drop_bucket(&s3, &bucket).await;
 }

@@ -261,6 +261,30 @@ pub async fn table_state(
     out
 }
 
+/// A client for the test S3 server (s3s-fs from the services script).
+pub fn s3_client() -> aws_sdk_s3::Client {
+    let endpoint = std::env::var("SLUICE_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9000".into());
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "testtest", None, None, "tests"))
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// Deletes a test's bucket and everything in it, like a test's database is dropped.
+pub async fn drop_bucket(s3: &aws_sdk_s3::Client, bucket: &str) {
+    if let Ok(listed) = s3.list_objects_v2().bucket(bucket).send().await {
+        for obj in listed.contents() {
+            let _ = s3.delete_object().bucket(bucket).key(obj.key().unwrap_or_default()).send().await;
+        }
+    }
+    let _ = s3.delete_bucket().bucket(bucket).send().await;
+}
+
 /// The slot's confirmed flush LSN as a number.
 pub async fn slot_confirmed(client: &Client, slot: &str) -> Option<u64> {
     let row = client
