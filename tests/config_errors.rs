@@ -133,3 +133,25 @@ fn unreachable_server_fails_fast_and_clearly() {
     assert!(err.contains("is the server running and reachable?"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+#[test]
+fn every_shipped_pipeline_file_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let out = std::process::Command::new(support::sluice_bin())
+            .args(["validate", path.to_str().unwrap()])
+            .env("PGPASSWORD", "example")
+            .env("S3_ACCESS_KEY_ID", "example")
+            .env("S3_SECRET_ACCESS_KEY", "example")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked >= 2, "expected the quickstart and the example pipeline");
+}

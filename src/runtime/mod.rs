@@ -145,7 +145,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             }
             shutdown.request();
         } else if !shutdown.is_requested() {
-            // A task that ends on its own (the source after a completed `snapshot` run) stops the rest.
+            // Tasks end only at shutdown; one that ends before it stops the rest, so no half of
+            // a pipeline runs on alone.
             shutdown.request();
         }
     }
