@@ -99,7 +99,8 @@ impl Catalog {
         Ok(TableInfo { oid, schema })
     }
 
-    async fn primary_key(&self, oid: u32) -> Result<Vec<String>> {
+    /// The primary key columns of a table by OID, in key order.
+    pub async fn primary_key(&self, oid: u32) -> Result<Vec<String>> {
         let rows = self
             .client
             .query(
@@ -140,11 +141,6 @@ impl Catalog {
             Some(r) if r.get::<_, bool>(0) => r.get::<_, i32>(1).max(0) as u32,
             _ => 0,
         })
-    }
-
-    /// The primary key of a table by OID, for refreshing a schema after a Relation message.
-    pub async fn primary_key_of(&self, oid: u32) -> Result<Vec<String>> {
-        self.primary_key(oid).await
     }
 
     async fn type_info(&mut self, oid: u32) -> Result<TypeInfo> {

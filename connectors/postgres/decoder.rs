@@ -163,7 +163,7 @@ impl Decoder {
                     self.relations.remove(&relation_id);
                     return Ok(());
                 }
-                let pk = catalog.primary_key_of(relation_id).await?;
+                let pk = catalog.primary_key(relation_id).await?;
                 let cols: Vec<(String, u32, i32)> =
                     columns.iter().map(|c| (c.name.to_string(), c.type_id, c.type_modifier)).collect();
                 let schema = catalog.schema(table.clone(), &cols, &pk).await?;
@@ -241,7 +241,7 @@ impl Decoder {
         let before = old.map(|t| row(&schema, &t)).transpose()?;
         let after = new.map(|t| row(&schema, &t)).transpose()?;
         let source = after.as_ref().or(before.as_ref()).expect("a change has a row");
-        let key: Row = schema.key_indexes().into_iter().map(|i| source[i].clone()).collect();
+        let key: Row = schema.columns.iter().zip(source).filter(|(c, _)| c.key).map(|(_, v)| v.clone()).collect();
         // With REPLICA IDENTITY DEFAULT the old row of a delete holds only the key.
         let before = before.filter(|b| b.iter().enumerate().any(|(i, v)| !schema.columns[i].key && *v != Value::Null));
         let mut event = self.event(&schema, schema_id, op, key, before, after);

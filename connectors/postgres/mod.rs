@@ -76,9 +76,9 @@ impl PostgresSource {
         Ok(catalog)
     }
 
-    /// Runs until shutdown, reconnecting after transient failures.
-    pub async fn run(self) -> Result<()> {
-        let mut catalog = self.prepare().await?;
+    /// Runs until shutdown, reconnecting after transient failures; `catalog` is what
+    /// [`PostgresSource::prepare`] returned.
+    pub async fn run(self, mut catalog: Catalog) -> Result<()> {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.run_once(&mut catalog).await {

@@ -109,15 +109,10 @@ impl ToastResolver {
     }
 
     fn forget(&mut self, stream: Option<u32>, key: Vec<u8>) {
-        match stream {
-            Some(x) => {
-                self.streams.entry(x).or_default().remove(&key);
-            }
-            None => {
-                self.pending.remove(&key);
-            }
+        if let Some(overlay) = stream.and_then(|x| self.streams.get_mut(&x)) {
+            overlay.remove(&key);
         }
-        // A delete also hides older pending values from later lookups in this batch.
+        // Older pending values must not serve later lookups in this batch either.
         self.pending.remove(&key);
     }
 

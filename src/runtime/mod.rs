@@ -67,30 +67,31 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let SourceConfig::Postgres(pg) = pipeline.source.clone();
     let source = PostgresSource::new(pg, &pipeline.name, log.clone(), source_progress.clone(), shutdown.clone());
     // Configuration problems (tables, keys, publication) stop the run before anything starts.
-    source.prepare().await?;
+    let catalog = source.prepare().await?;
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
     register_metrics(&sink_names);
     let drain = Arc::new(AtomicBool::new(false));
     let mut statuses = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let tail = log.tail().await?;
+    // A sink new to this pipeline starts at the beginning of the log; if the log has already
+    // released events, it would silently miss them.
+    let released = match log.tail().await? {
+        Some(first) => first > 1,
+        None => log.head() > 0,
+    };
     for cfg in &pipeline.sinks {
         let name = cfg.name().to_string();
         let cursor = log.cursor(&name).await?;
-        // A sink new to this pipeline starts at the beginning of the log; if the log has
-        // already released events, it would silently miss them.
-        let released = match tail {
-            Some(first) => first > 1,
-            None => log.head() > 0,
-        };
-        if cursor == 0 && log.sink_state(&name).await?.is_none() && released {
+        let state = log.sink_state(&name).await?;
+        if cursor == 0 && state.is_none() && released {
             return Err(Error::config(format!(
-                "sink {name} is new to pipeline {}, but the log has already released the changes before it;                  it would miss them. Start the pipeline over with an empty transport path (a new slot name or                  after dropping the slot), or run the new sink as its own pipeline",
+                "sink {name} is new to pipeline {}, but the log has already released the changes before it; \
+                 it would miss them. Start the pipeline over with an empty transport path (a new slot name or \
+                 after dropping the slot), or run the new sink as its own pipeline",
                 pipeline.name
             )));
         }
-        let state = log.sink_state(&name).await?;
         let sink: Box<dyn Sink> = match cfg.clone() {
             SinkConfig::Parquet(p) => Box::new(ParquetSink::build(p, log.clone(), cursor, state).await?),
         };
@@ -99,6 +100,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         let runner = SinkRunner {
             name: name.clone(),
             sink,
+            cursor,
             log: log.clone(),
             all_sinks: sink_names.clone(),
             shutdown: shutdown.clone(),
@@ -107,7 +109,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         };
         tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
     }
-    tasks.spawn(async move { source.run().await.map_err(|e| ("source".to_string(), e)) });
+    tasks.spawn(async move { source.run(catalog).await.map_err(|e| ("source".to_string(), e)) });
     let reporter = status::Reporter::new(pipeline.name.clone(), log.clone(), source_progress.clone(), statuses.clone());
     // The reporter outlives the tasks so its last report shows the drained, final state.
     let finished = Shutdown::new();

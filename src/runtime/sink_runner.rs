@@ -18,6 +18,8 @@ const TICK: Duration = Duration::from_millis(500);
 pub struct SinkRunner {
     pub name: String,
     pub sink: Box<dyn Sink>,
+    /// The sink's durable cursor in the log when the run starts.
+    pub cursor: u64,
     pub log: EmbeddedLog,
     pub all_sinks: Vec<String>,
     pub shutdown: Shutdown,
@@ -28,7 +30,7 @@ pub struct SinkRunner {
 
 impl SinkRunner {
     pub async fn run(mut self) -> Result<()> {
-        let mut committed = self.log.cursor(&self.name).await?;
+        let mut committed = self.cursor;
         let mut next = committed + 1;
         let mut head_rx = self.log.subscribe();
         let mut last_tick = Instant::now();
