@@ -177,6 +177,9 @@ pub struct ChangeEvent {
     /// An unchanged TOAST value had never been seen for this key and was fetched from the
     /// source by key, so it is the value current at fetch time rather than at the change.
     pub toast_fetched: bool,
+    /// The last row of its table's initial snapshot (Debezium's `snapshot: last`), so a sink
+    /// can finish what it holds for the table now instead of at its next roll.
+    pub snapshot_last: bool,
 }
 
 impl ChangeEvent {

@@ -20,6 +20,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
+    disable_transparent_huge_pages();
     let result = match cli.command {
         Command::Validate { file } => validate(&file),
         Command::Run { file, until_idle } => run(&file, RunOptions { until_idle }),
@@ -162,4 +163,20 @@ async fn slot_lag(pg: &config::PostgresSourceConfig) -> anyhow::Result<(String, 
         .await?
         .context("the slot does not exist")?;
     Ok((row.get(0), row.get::<_, i64>(1) as u64))
+}
+
+/// With transparent huge pages, each fresh allocator page costs a 2 MiB zeroing fault; sluice's
+/// events are short-lived and cross threads, so memory cycles through fresh pages. Measured on
+/// the 1M-row snapshot: 0.47 s instead of 1.0 s of system CPU, 1.40 s instead of 1.70 s wall.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if rc != 0 {
+            // Only speed depends on it; say so and go on.
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, "cannot disable transparent huge pages; allocation will cost more CPU");
+        }
+    }
 }

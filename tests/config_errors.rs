@@ -1,5 +1,6 @@
-//! A bad pipeline file, a missing secret, a table without a primary key and an unreachable
-//! server each stop sluice with a clear message and exit code 2, before anything moves.
+//! A bad pipeline file, a missing secret, a table without a primary key or a partitioned one, and
+//! an unreachable server each stop sluice with a clear message and exit code 2, before anything
+//! moves.
 
 mod support;
 
@@ -108,6 +109,24 @@ async fn table_without_primary_key_is_refused() {
     assert!(err.contains("table public.logs has no primary key"), "{err}");
     assert!(err.contains("ADD PRIMARY KEY"), "{err}");
     assert!(!db.data_dir().join("lake").exists());
+}
+
+#[tokio::test]
+async fn partitioned_table_is_refused_with_its_partitions_named_as_the_fix() {
+    let db = TestDb::new("parted").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+        )
+        .await
+        .unwrap();
+    let file = db.pipeline_file(&["public.events"], "", "");
+    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("public.events is a partitioned table; list its partitions"), "{err}");
+    assert!(err.contains("pg_partition_tree('public.events')"), "{err}");
 }
 
 #[tokio::test]

@@ -65,13 +65,15 @@ async fn kill_during_snapshot_resumes_without_starting_over() {
     assert!(killed_mid_snapshot > 0, "no kill landed during the snapshot; the table is too small for this machine");
     run_until_idle(&file);
     let rows = changelog(&db.lake_dir(), "public.big");
-    // Resumed, not restarted: no key was read twice.
+    // Resumed, not restarted: the only keys read twice are rows updated while sluice was down,
+    // whose new versions landed in blocks the resumed snapshot had still to read.
     let mut reads: HashMap<&str, usize> = HashMap::new();
     for r in rows.iter().filter(|r| r.op == "read") {
         *reads.entry(r.columns["id"].as_deref().unwrap()).or_default() += 1;
     }
-    let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "keys read twice: {:?}", &twice[..twice.len().min(5)]);
+    let changed_while_down = |id: i64| id % 997 < 4;
+    let twice: Vec<_> = reads.iter().filter(|(id, n)| **n > 1 && !changed_while_down(id.parse().unwrap())).collect();
+    assert!(twice.is_empty(), "unchanged keys read twice: {:?}", &twice[..twice.len().min(5)]);
     let snapshot_lsns: std::collections::BTreeSet<&str> =
         rows.iter().filter(|r| r.op == "read").map(|r| &r.position[..16]).collect();
     assert!(snapshot_lsns.len() >= 2, "a resumed snapshot reads the rest at a new snapshot LSN");

@@ -435,8 +435,11 @@ async fn metrics_status_and_a_draining_sigterm() {
     ] {
         assert!(body.contains(name), "{name} missing from:\n{body}");
     }
-    // With max_age 1h nothing is in the lake yet: SIGTERM closes the files and checkpoints.
-    assert!(files(&db.lake_dir(), "public.m").is_empty());
+    // With max_age 1h only the snapshot's file (closed by the snapshot's end) is in the lake;
+    // SIGTERM closes the file of streamed changes and checkpoints.
+    let before_stop = changelog(&db.lake_dir(), "public.m");
+    assert_eq!((files(&db.lake_dir(), "public.m").len(), before_stop.len()), (1, 100));
+    assert!(before_stop.iter().all(|r| r.op == "read"));
     running.stop();
     let rows = changelog(&db.lake_dir(), "public.m");
     assert_eq!(rows.len(), 110);
@@ -445,7 +448,7 @@ async fn metrics_status_and_a_draining_sigterm() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("slot {}: confirmed", db.slot())), "{text}");
     assert!(text.contains("snapshot done: true"), "{text}");
-    assert!(text.contains("sink lake: cursor 110, 0 behind, 1 files, 110 rows"), "{text}");
+    assert!(text.contains("sink lake: cursor 110, 0 behind, 2 files, 110 rows"), "{text}");
     let json = support::sluice(&["status", "--json", file.to_str().unwrap()], file.parent().unwrap());
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["log_head"], 110);
@@ -459,6 +462,30 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     Some(out)
+}
+
+#[tokio::test]
+async fn the_end_of_a_snapshot_closes_its_file_without_waiting_for_max_age() {
+    let db = TestDb::new("snapend").await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .unwrap();
+    // Neither the age nor the row bound can close the file: only the snapshot's end can.
+    let file = db.pipeline_file(&["public.t"], "", "    roll: { max_rows: 1000000, max_age: 1h }\n");
+    let running = Running::start(&file);
+    let rows = eventually("the snapshot's file", Duration::from_secs(60), || async {
+        let rows = changelog(&db.lake_dir(), "public.t");
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    running.stop();
+    assert_eq!(rows.len(), 3000);
+    assert!(rows.iter().all(|r| r.op == "read"));
+    assert_eq!(replay(&rows, "id"), table_state(c, "SELECT id, v FROM t").await);
 }
 
 #[tokio::test]

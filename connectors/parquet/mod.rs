@@ -19,6 +19,7 @@ use ::arrow::datatypes::Schema;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ struct OpenFile {
     arrow: Arc<Schema>,
     path: PathBuf,
     writer: ArrowWriter<std::fs::File>,
-    pending: Vec<ChangeEvent>,
+    pending: Vec<Arc<ChangeEvent>>,
     pending_bytes: usize,
     first_offset: u64,
     last_offset: u64,
@@ -153,6 +154,8 @@ impl ParquetSink {
         let file = std::fs::File::create(&path).map_err(|e| Error::retryable("parquet spool", e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            // Every position is distinct: a dictionary would only be built to be discarded.
+            .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
             .build();
@@ -203,7 +206,7 @@ fn encode(f: &mut OpenFile) -> Result<()> {
     if f.pending.is_empty() {
         return Ok(());
     }
-    let refs: Vec<&ChangeEvent> = f.pending.iter().collect();
+    let refs: Vec<&ChangeEvent> = f.pending.iter().map(|e| &**e).collect();
     let batch = record_batch(&f.schema, &f.arrow, &refs)?;
     f.writer.write(&batch).map_err(|e| Error::permanent("parquet writer", e))?;
     f.pending.clear();
@@ -235,12 +238,14 @@ impl Sink for ParquetSink {
             f.last_offset = record.offset;
             f.rows += 1;
             f.pending_bytes += record.bytes;
+            // The table's snapshot is complete: its last file need not wait for max_age.
+            let snapshot_done = record.event.snapshot_last;
             f.pending.push(record.event);
             if f.pending.len() >= ENCODE_ROWS {
                 encode(f)?;
             }
             let size = f.writer.bytes_written() + f.writer.in_progress_size() + f.pending_bytes;
-            if f.rows >= roll.max_rows || size as u64 >= roll.max_bytes {
+            if snapshot_done || f.rows >= roll.max_rows || size as u64 >= roll.max_bytes {
                 self.close(&partition)?;
             }
         }
@@ -257,7 +262,12 @@ impl Sink for ParquetSink {
         while let Some(f) = self.closed.first() {
             self.store.put(&f.path, &f.key).await?;
             let f = self.closed.remove(0);
-            let _ = std::fs::remove_file(&f.path);
+            // `put` may have moved the spooled file into place already.
+            if let Err(e) = std::fs::remove_file(&f.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %f.path.display(), error = %e, "cannot remove spooled file");
+                }
+            }
             let d = self.durable.entry(f.partition.clone()).or_default();
             *d = (*d).max(f.last_offset);
             self.files_written += 1;

@@ -46,18 +46,27 @@ impl ObjectStore {
         }
     }
 
-    /// Publishes a finished local file under `key`, replacing any object of that name.
+    /// Publishes a finished local file under `key`, replacing any object of that name; the local
+    /// file may be moved rather than copied.
     pub async fn put(&self, local: &Path, key: &str) -> Result<()> {
         match self {
             ObjectStore::File { root } => {
                 let dest = root.join(key);
                 let dir = dest.parent().expect("keys have a directory");
                 tokio::fs::create_dir_all(dir).await.map_err(|e| Error::retryable("file sink", e))?;
-                let tmp = dir.join(format!(".{}.tmp", dest.file_name().and_then(|n| n.to_str()).unwrap_or("part")));
-                tokio::fs::copy(local, &tmp).await.map_err(|e| Error::retryable("file sink", e))?;
-                let f = tokio::fs::File::open(&tmp).await.map_err(|e| Error::retryable("file sink", e))?;
-                f.sync_all().await.map_err(|e| Error::retryable("file sink", e))?;
-                tokio::fs::rename(&tmp, &dest).await.map_err(|e| Error::retryable("file sink", e))?;
+                let io = |e| Error::retryable("file sink", e);
+                let f = tokio::fs::File::open(local).await.map_err(io)?;
+                f.sync_all().await.map_err(io)?;
+                // On the same file system the spooled file simply moves into place; elsewhere it
+                // is copied beside the destination first, so readers never see a partial file.
+                if tokio::fs::rename(local, &dest).await.is_err() {
+                    let tmp = dir.join(format!(".{}.tmp", dest.file_name().and_then(|n| n.to_str()).unwrap_or("part")));
+                    tokio::fs::copy(local, &tmp).await.map_err(io)?;
+                    tokio::fs::File::open(&tmp).await.map_err(io)?.sync_all().await.map_err(io)?;
+                    tokio::fs::rename(&tmp, &dest).await.map_err(io)?;
+                }
+                // The rename itself is durable once the directory is.
+                tokio::fs::File::open(dir).await.map_err(io)?.sync_all().await.map_err(io)?;
                 Ok(())
             }
             ObjectStore::S3 { client, bucket, prefix, multipart_threshold } => {

@@ -58,7 +58,14 @@ impl Catalog {
         let oid: u32 = row.get(0);
         let identity: String = row.get(1);
         let kind: String = row.get(2);
-        if kind != "r" && kind != "p" {
+        if kind == "p" {
+            // Its changes are published under the partitions' names and its rows live in them.
+            return Err(Error::config(format!(
+                "{id} is a partitioned table; list its partitions in source.tables instead \
+                 (SELECT relid FROM pg_partition_tree('{id}') WHERE isleaf)"
+            )));
+        }
+        if kind != "r" {
             return Err(Error::config(format!("{id} is not a table (relkind {kind}); only tables can be captured")));
         }
         let pk = self.primary_key(oid).await?;

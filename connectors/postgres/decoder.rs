@@ -276,6 +276,7 @@ impl Decoder {
             commit_ts_us,
             tx_id,
             toast_fetched: false,
+            snapshot_last: false,
         }
     }
 

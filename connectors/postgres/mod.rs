@@ -3,6 +3,7 @@
 
 mod catalog;
 pub mod client;
+mod copy_binary;
 mod decoder;
 mod replication;
 pub mod snapshot;
@@ -201,7 +202,7 @@ impl PostgresSource {
             if !batch.is_empty() {
                 self.log.commit(batch).await?;
             }
-            tables.push(SnapshotTable { schema, schema_id: id });
+            tables.push(SnapshotTable { schema, schema_id: id, oid: info.oid });
         }
         snapshot::run(client, exported, &tables, progress, &self.log, self.cfg.snapshot_chunk_rows, &self.shutdown)
             .await

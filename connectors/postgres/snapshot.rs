@@ -1,14 +1,21 @@
-//! The initial snapshot: each table read in primary-key order, in chunks, inside one exported
-//! snapshot. Every chunk commits to the log together with the table's progress, so a crash
-//! redoes at most the chunk in flight.
+//! The initial snapshot: each table read in chunks inside one exported snapshot. Every chunk
+//! commits to the log together with the table's progress, so a crash redoes at most the chunk in
+//! flight.
+//!
+//! A table is read in ranges of heap blocks (a TID range scan, as cheap for the server as a
+//! sequential scan: no index, no sort), in binary COPY format.
 //!
 //! Rows are positioned at the snapshot's LSN: a row read at LSN L reflects every change that
 //! committed before L and none after, so ordering changes by position and applying them in
 //! that order gives the table's state. A resumed snapshot uses a new exported snapshot at a
 //! later LSN for the remaining chunks; its rows sort after the changes they already include.
+//! A row that moved between chunks while sluice was down (an update writes a new row version
+//! elsewhere) is either read again, harmlessly, or was changed after the first snapshot, and
+//! that change is in the stream. A table rewritten meanwhile (VACUUM FULL, CLUSTER) has all
+//! its rows in new places, so its snapshot starts over.
 
 use super::client::{qualified, query_error, quote_ident, quote_literal};
-use super::values::decode;
+use super::copy_binary::{self, reads_binary, BinaryRows, Next};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Op, Position, TableId, TableSchema, Value};
 use crate::log::{EmbeddedLog, WriteBatch};
@@ -17,7 +24,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 pub const PROGRESS_KEY: &str = "pg.snapshot";
 
@@ -31,12 +38,21 @@ pub struct SnapshotProgress {
 pub struct TableProgress {
     pub table: TableId,
     pub done: bool,
-    /// Text of the last key read, per key column.
-    pub last_key: Option<Vec<String>>,
+    /// Where the next chunk starts.
+    pub next: ChunkStart,
     pub rows: u64,
     /// Time stamped on the table's snapshot rows (microseconds since the epoch); fixed when
     /// the table's first chunk is read, so a replay writes the same partitions.
     pub started_us: Option<i64>,
+}
+
+/// The start of a table's next chunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ChunkStart {
+    /// Nothing read yet.
+    Beginning,
+    /// The next heap block, valid only while the table keeps its storage file.
+    Block { filenode: u32, block: u32 },
 }
 
 impl SnapshotProgress {
@@ -49,7 +65,7 @@ impl SnapshotProgress {
         self.tables.extend(added.iter().map(|t| TableProgress {
             table: t.clone(),
             done: false,
-            last_key: None,
+            next: ChunkStart::Beginning,
             rows: 0,
             started_us: None,
         }));
@@ -69,6 +85,7 @@ fn now_us() -> i64 {
 pub struct SnapshotTable {
     pub schema: Arc<TableSchema>,
     pub schema_id: u32,
+    pub oid: u32,
 }
 
 /// A snapshot exported by a replication slot, and the LSN it was taken at.
@@ -100,10 +117,12 @@ pub async fn run(
         .map_err(|e| query_error("snapshot: import exported snapshot", e))?;
     let mut in_flight: Option<tokio::task::JoinHandle<Result<u64>>> = None;
     for t in tables {
-        // Unknown until the first chunk, which is therefore small.
-        let mut avg_row_bytes: Option<usize> = None;
         let idx = progress.tables.iter().position(|p| p.table == t.schema.table).expect("progress lists every table");
+        if progress.tables[idx].done {
+            continue;
+        }
         let started_us = *progress.tables[idx].started_us.get_or_insert_with(now_us);
+        let mut planner = ChunkPlanner::new(&tx, t, chunk_rows, &mut progress.tables[idx]).await?;
         let key_idx = t.schema.key_indexes();
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
@@ -113,15 +132,14 @@ pub async fn run(
                 }
                 return Ok(());
             }
-            let limit = chunk_limit(chunk_rows, avg_row_bytes);
-            let chunk = read_chunk(&tx, &t.schema, progress.tables[idx].last_key.as_deref(), limit).await?;
             let p = &mut progress.tables[idx];
-            let mut batch = WriteBatch::new();
+            let plan = planner.next(&p.next);
+            let chunk = read_chunk(&tx, &t.schema, &plan).await?;
+            planner.observe(&plan, &chunk);
+            let mut batch = WriteBatch::with_capacity(chunk.rows.len() + 1);
             batch.uses_schema(t.schema_id, &t.schema);
             let n = chunk.rows.len() as u64;
-            if n > 0 {
-                avg_row_bytes = Some(chunk.bytes / n as usize);
-            }
+            let last = plan.last.then(|| chunk.rows.len().wrapping_sub(1));
             for (i, row) in chunk.rows.into_iter().enumerate() {
                 let key = key_idx.iter().map(|&k| row[k].clone()).collect();
                 batch.append(ChangeEvent {
@@ -135,13 +153,12 @@ pub async fn run(
                     commit_ts_us: started_us,
                     tx_id: None,
                     toast_fetched: false,
+                    snapshot_last: last == Some(i),
                 });
             }
             p.rows += n;
-            p.done = n < limit;
-            if chunk.last_key.is_some() {
-                p.last_key = chunk.last_key;
-            }
+            p.done = last.is_some();
+            p.next = ChunkStart::Block { filenode: plan.filenode, block: plan.end };
             metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
             metrics::counter!("sluice_events_in_total").increment(n);
             batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
@@ -162,194 +179,161 @@ pub async fn run(
     Ok(())
 }
 
-/// Bytes of COPY text one chunk may hold, so memory stays flat however wide the rows.
+/// Bytes of COPY data one chunk may hold, so memory stays flat however wide the rows.
 const CHUNK_BYTES: usize = 32 * 1024 * 1024;
+/// Blocks in a table's first chunk, before its row density is known.
+const FIRST_CHUNK_BLOCKS: u32 = 32;
 
-/// Rows in the next chunk: at most `configured`, and about [`CHUNK_BYTES`] of text.
-fn chunk_limit(configured: u64, avg_row_bytes: Option<usize>) -> u64 {
-    match avg_row_bytes {
-        None => configured.min(1000),
-        Some(avg) => configured.min((CHUNK_BYTES / avg.max(1)) as u64).max(1),
+/// One chunk: heap blocks `start..end` of a table whose storage file is `filenode`.
+struct ChunkPlan {
+    filenode: u32,
+    start: u32,
+    end: u32,
+    /// `end` is the table's size in blocks: this is its last chunk.
+    last: bool,
+}
+
+impl ChunkPlan {
+    /// Types without a simple binary form are selected as text and decoded like the stream's.
+    fn sql(&self, schema: &TableSchema) -> String {
+        let cols: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| match reads_binary(&c.ty) {
+                true => quote_ident(&c.name),
+                false => format!("{}::text", quote_ident(&c.name)),
+            })
+            .collect();
+        format!(
+            "COPY (SELECT {} FROM {} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT (FORMAT binary)",
+            cols.join(", "),
+            qualified(&schema.table),
+            self.start,
+            self.end
+        )
+    }
+}
+
+/// Sizes chunks from what earlier chunks of the table held: about `chunk_rows` rows and at most
+/// [`CHUNK_BYTES`] of COPY data.
+struct ChunkPlanner {
+    chunk_rows: u64,
+    /// The table's storage file, and its size in blocks when this run's snapshot began.
+    filenode: u32,
+    size: u32,
+    rows_seen: u64,
+    bytes_seen: u64,
+    blocks_seen: u64,
+}
+
+impl ChunkPlanner {
+    /// Reads the table's storage file and size inside the snapshot; a table rewritten since
+    /// an interrupted snapshot is read again from its first block.
+    async fn new(
+        tx: &Transaction<'_>,
+        table: &SnapshotTable,
+        chunk_rows: u64,
+        progress: &mut TableProgress,
+    ) -> Result<Self> {
+        // The size is read after the snapshot was taken, so it covers every row the snapshot
+        // can see (rows it cannot see are skipped by the scan).
+        let row = tx
+            .query_one(
+                "SELECT pg_relation_filenode($1::oid)::oid, \
+                 (pg_relation_size($1::oid) / current_setting('block_size')::int8)::int8",
+                &[&table.oid],
+            )
+            .await
+            .map_err(|e| query_error("snapshot: table size", e))?;
+        let filenode: u32 = row.get(0);
+        let size = u32::try_from(row.get::<_, i64>(1))
+            .map_err(|_| Error::permanent("snapshot", format!("{} has too many blocks", table.schema.table)))?;
+        if let ChunkStart::Block { filenode: before, .. } = progress.next {
+            if before != filenode {
+                tracing::warn!(table = %table.schema.table, "table was rewritten since the interrupted snapshot; reading it again from the start");
+                progress.next = ChunkStart::Beginning;
+            }
+        }
+        Ok(Self { chunk_rows, filenode, size, rows_seen: 0, bytes_seen: 0, blocks_seen: 0 })
+    }
+
+    fn next(&self, from: &ChunkStart) -> ChunkPlan {
+        let start = match from {
+            ChunkStart::Block { block, .. } => *block,
+            ChunkStart::Beginning => 0,
+        };
+        let count = match self.bytes_seen.checked_div(self.rows_seen) {
+            None if self.blocks_seen == 0 => FIRST_CHUNK_BLOCKS as u64,
+            // Only empty blocks so far: widen quickly over them.
+            None => (self.blocks_seen * 2).min(1 << 20),
+            Some(avg_row_bytes) => {
+                let rows = self.chunk_rows.min(CHUNK_BYTES as u64 / avg_row_bytes.max(1)).max(1);
+                let rows_per_block = self.rows_seen as f64 / self.blocks_seen as f64;
+                ((rows as f64 / rows_per_block) as u64).max(1)
+            }
+        };
+        let end = (start as u64 + count).min(self.size as u64) as u32;
+        ChunkPlan { filenode: self.filenode, start, end, last: end >= self.size }
+    }
+
+    fn observe(&mut self, plan: &ChunkPlan, chunk: &Chunk) {
+        self.rows_seen += chunk.rows.len() as u64;
+        self.bytes_seen += chunk.bytes as u64;
+        self.blocks_seen += (plan.end - plan.start) as u64;
     }
 }
 
 struct Chunk {
     rows: Vec<Vec<Value>>,
-    last_key: Option<Vec<String>>,
-    /// COPY text bytes read.
+    /// COPY bytes read.
     bytes: usize,
 }
 
-async fn read_chunk(
-    tx: &tokio_postgres::Transaction<'_>,
-    schema: &TableSchema,
-    after: Option<&[String]>,
-    limit: u64,
-) -> Result<Chunk> {
-    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let keys: Vec<String> = schema.key_indexes().iter().map(|&i| quote_ident(&schema.columns[i].name)).collect();
-    let filter = match after {
-        Some(last) => {
-            let lits: Vec<String> = last.iter().map(|s| quote_literal(s)).collect();
-            format!("WHERE ({}) > ({})", keys.join(", "), lits.join(", "))
-        }
-        None => String::new(),
-    };
-    let sql = format!(
-        "COPY (SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}) TO STDOUT",
-        cols.join(", "),
-        qualified(&schema.table),
-        keys.join(", ")
-    );
-    let stream = tx.copy_out(&sql).await.map_err(|e| query_error("snapshot COPY", e))?;
+async fn read_chunk(tx: &Transaction<'_>, schema: &TableSchema, plan: &ChunkPlan) -> Result<Chunk> {
+    let stream = tx.copy_out(&plan.sql(schema)).await.map_err(|e| query_error("snapshot COPY", e))?;
     futures::pin_mut!(stream);
     let mut rows = Vec::new();
     let mut bytes = 0;
     let mut pending: Vec<u8> = Vec::new();
-    // The next chunk starts after the key of the last line; keep that line, not every key.
-    let mut last_line: Vec<u8> = Vec::new();
-    let mut handle_line = |line: &[u8], rows: &mut Vec<Vec<Value>>| -> Result<()> {
-        let fields = split_copy_line(line)?;
-        if fields.len() != schema.columns.len() {
-            return Err(Error::permanent(
-                "snapshot COPY",
-                format!("expected {} fields, got {}", schema.columns.len(), fields.len()),
-            ));
-        }
-        last_line.clear();
-        last_line.extend_from_slice(line);
-        let row = fields
-            .into_iter()
-            .zip(&schema.columns)
-            .map(|(f, c)| match f {
-                None => Ok(Value::Null),
-                Some(text) => decode(&c.ty, &text)
-                    .map_err(|e| Error::permanent(format!("snapshot of {} column {}", schema.table, c.name), e)),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        rows.push(row);
-        Ok(())
-    };
+    let mut parser = BinaryRows::default();
+    let mut fields = Vec::with_capacity(schema.columns.len());
+    let bad = |m: String| Error::permanent(format!("snapshot of {}", schema.table), m);
+    let mut ended = false;
     while let Some(chunk) = stream.next().await {
         let chunk: Bytes = chunk.map_err(|e| query_error("snapshot COPY", e))?;
         bytes += chunk.len();
         pending.extend_from_slice(&chunk);
         let mut start = 0;
-        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-            handle_line(&pending[start..start + nl], &mut rows)?;
-            start += nl + 1;
+        loop {
+            match parser.next_row(&pending[start..], &mut fields).map_err(bad)? {
+                Next::Row { consumed } => {
+                    if fields.len() != schema.columns.len() {
+                        return Err(bad(format!("expected {} fields, got {}", schema.columns.len(), fields.len())));
+                    }
+                    let base = &pending[start..];
+                    let row = fields
+                        .iter()
+                        .zip(&schema.columns)
+                        .map(|(f, c)| match f {
+                            None => Ok(Value::Null),
+                            Some(r) => copy_binary::decode(&c.ty, &base[r.clone()])
+                                .map_err(|e| bad(format!("column {}: {e}", c.name))),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    rows.push(row);
+                    start += consumed;
+                }
+                Next::NeedMore => break,
+                Next::End => {
+                    ended = true;
+                    break;
+                }
+            }
         }
         pending.drain(..start);
     }
-    if !pending.is_empty() {
-        handle_line(&pending, &mut rows)?;
+    if !ended {
+        return Err(bad("the COPY stream ended inside a row".into()));
     }
-    let last_key = if rows.is_empty() {
-        None
-    } else {
-        let fields = split_copy_line(&last_line)?;
-        Some(schema.key_indexes().iter().map(|&k| fields[k].clone().unwrap_or_default()).collect())
-    };
-    Ok(Chunk { rows, last_key, bytes })
-}
-
-/// Splits one line of COPY text format into fields (`None` for `\N`), undoing its escapes.
-fn split_copy_line(line: &[u8]) -> Result<Vec<Option<String>>> {
-    let mut fields = Vec::new();
-    for raw in line.split(|&b| b == b'\t') {
-        if raw == b"\\N" {
-            fields.push(None);
-            continue;
-        }
-        // Most fields have no escapes: one copy, straight into the String.
-        if !raw.contains(&b'\\') {
-            let text = std::str::from_utf8(raw).map_err(|_| Error::permanent("snapshot COPY", "field is not UTF-8"))?;
-            fields.push(Some(text.to_owned()));
-            continue;
-        }
-        let mut out = Vec::with_capacity(raw.len());
-        let mut i = 0;
-        while i < raw.len() {
-            if raw[i] != b'\\' || i + 1 == raw.len() {
-                out.push(raw[i]);
-                i += 1;
-                continue;
-            }
-            let c = raw[i + 1];
-            i += 2;
-            match c {
-                b'b' => out.push(8),
-                b'f' => out.push(12),
-                b'n' => out.push(b'\n'),
-                b'r' => out.push(b'\r'),
-                b't' => out.push(b'\t'),
-                b'v' => out.push(11),
-                b'0'..=b'7' => {
-                    let mut v = (c - b'0') as u32;
-                    let mut n = 1;
-                    while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
-                        v = v * 8 + (raw[i] - b'0') as u32;
-                        i += 1;
-                        n += 1;
-                    }
-                    out.push(v as u8);
-                }
-                b'x' => {
-                    let mut v = 0u32;
-                    let mut n = 0;
-                    while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
-                        v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
-                        i += 1;
-                        n += 1;
-                    }
-                    out.push(v as u8);
-                }
-                other => out.push(other),
-            }
-        }
-        fields.push(Some(String::from_utf8(out).map_err(|_| Error::permanent("snapshot COPY", "field is not UTF-8"))?));
-    }
-    Ok(fields)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_copy_line;
-    use proptest::prelude::*;
-
-    /// COPY text format escaping, as the server writes it.
-    fn escape(s: &str) -> String {
-        let mut out = String::new();
-        for c in s.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\t' => out.push_str("\\t"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\u{8}' => out.push_str("\\b"),
-                '\u{c}' => out.push_str("\\f"),
-                '\u{b}' => out.push_str("\\v"),
-                c => out.push(c),
-            }
-        }
-        out
-    }
-
-    proptest! {
-        /// Splitting a COPY line undoes the server's escaping, field by field.
-        #[test]
-        fn copy_fields_round_trip(fields in proptest::collection::vec(proptest::option::of(any::<String>()), 1..6)) {
-            let line: Vec<String> = fields.iter().map(|f| f.as_deref().map(escape).unwrap_or_else(|| "\\N".into())).collect();
-            prop_assert_eq!(split_copy_line(line.join("\t").as_bytes()).unwrap(), fields);
-        }
-    }
-
-    #[test]
-    fn copy_text_escapes_and_nulls() {
-        let fields = split_copy_line(b"a\\tb\t\\N\tline\\nbreak\t\\\\x\t\\101").unwrap();
-        assert_eq!(
-            fields,
-            vec![Some("a\tb".into()), None, Some("line\nbreak".into()), Some("\\x".into()), Some("A".into())]
-        );
-    }
+    Ok(Chunk { rows, bytes })
 }

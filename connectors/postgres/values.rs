@@ -83,6 +83,11 @@ fn parse_date(text: &str) -> Option<i32> {
         _ => {}
     }
     let (text, bc) = strip_bc(text);
+    date_days(text, bc)
+}
+
+/// `YYYY-MM-DD` (a year before Christ when `bc`) as days since 1970-01-01.
+fn date_days(text: &str, bc: bool) -> Option<i32> {
     let mut parts = text.splitn(3, '-');
     let year: i32 = parts.next()?.parse().ok()?;
     let month: u32 = parts.next()?.parse().ok()?;
@@ -145,9 +150,13 @@ fn parse_timestamp(text: &str) -> Option<i64> {
         _ => {}
     }
     let (text, bc) = strip_bc(text);
+    timestamp_micros(text, bc)
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` as microseconds since the epoch.
+fn timestamp_micros(text: &str, bc: bool) -> Option<i64> {
     let (date, time) = text.split_once(' ')?;
-    let days = parse_date(&if bc { format!("{date} BC") } else { date.to_string() })? as i64;
-    Some(days * 86_400_000_000 + parse_time(time)?)
+    Some(date_days(date, bc)? as i64 * 86_400_000_000 + parse_time(time)?)
 }
 
 fn parse_timestamptz(text: &str) -> Option<i64> {
@@ -158,8 +167,7 @@ fn parse_timestamptz(text: &str) -> Option<i64> {
     }
     let (text, bc) = strip_bc(text);
     let (body, offset) = split_offset(text)?;
-    let local = parse_timestamp(&if bc { format!("{body} BC") } else { body.to_string() })?;
-    Some(local - offset as i64 * 1_000_000)
+    Some(timestamp_micros(body, bc)? - offset as i64 * 1_000_000)
 }
 
 /// ISO 8601 with PostgreSQL's signed fields: `P1Y-2M3DT4H5M6.5S`, `PT0S`.

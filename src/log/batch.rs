@@ -1,7 +1,7 @@
 //! One atomic, durable write to the embedded log.
 
 use super::toast::{toast_key, toast_table_prefix, ToastEntry};
-use super::{EVENTS, META, SCHEMAS, STAGING, TOAST};
+use super::{LogRecord, EVENTS, META, SCHEMAS, STAGING, TOAST};
 use crate::error::Result;
 use crate::event::{ChangeEvent, Op, Phase, Position, TableSchema};
 use redb::{Database, Durability, ReadableTable};
@@ -51,6 +51,12 @@ impl WriteBatch {
         Self::default()
     }
 
+    /// A batch with room for `steps` appends and metadata writes, so a large snapshot chunk
+    /// does not regrow (and copy) its step list.
+    pub fn with_capacity(steps: usize) -> Self {
+        Self { steps: Vec::with_capacity(steps), ..Self::default() }
+    }
+
     /// Number of events appended or staged so far.
     pub fn len(&self) -> usize {
         self.events
@@ -98,8 +104,11 @@ impl WriteBatch {
         self.steps.push(Step::Schema(id, schema));
     }
 
-    /// Writes the batch in one fsynced transaction; returns the new head offset.
-    pub(super) fn apply(self, db: &Database, mut head: u64) -> Result<u64> {
+    /// Writes the batch in one fsynced transaction; returns the new head offset and the records
+    /// appended, in order.
+    pub(super) fn apply(self, db: &Database, mut head: u64) -> Result<(u64, Vec<LogRecord>)> {
+        let WriteBatch { steps, schemas: batch_schemas, events: expected, .. } = self;
+        let mut appended = Vec::with_capacity(expected);
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         {
@@ -115,7 +124,7 @@ impl WriteBatch {
                 None => None,
             };
             let mut segment = Segment::default();
-            let mut append = |event: &ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
+            let mut append = |event: ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
                 if event.position.phase == Phase::Change {
                     if last_change.is_some_and(|last| event.position <= last) {
                         return Ok(());
@@ -123,42 +132,43 @@ impl WriteBatch {
                     last_change = Some(event.position);
                 }
                 head += 1;
-                segment.push(head, event)?;
+                let bytes = segment.push(head, &event)?;
                 if segment.full() {
                     segment.flush(&mut events)?;
                 }
-                if let Some(schema) = self.schemas.get(&event.schema_id) {
-                    keep_toast_state(toast, schema, event)?;
+                if let Some(schema) = batch_schemas.get(&event.schema_id) {
+                    keep_toast_state(toast, schema, &event)?;
                 }
+                appended.push(LogRecord { offset: head, event: Arc::new(event), bytes });
                 Ok(())
             };
-            for step in &self.steps {
+            for step in steps {
                 match step {
                     Step::Append(event) => append(event, &mut toast)?,
                     Step::Stage { top_xid, sub_xid, seq, event } => {
                         let encoded = postcard::to_allocvec(&(sub_xid, event))?;
-                        staging.insert((*top_xid, *seq), encoded.as_slice())?;
+                        staging.insert((top_xid, seq), encoded.as_slice())?;
                     }
                     Step::Promote { top_xid, commit_lsn, commit_ts_us } => {
                         let mut staged = Vec::new();
-                        for entry in staging.range((*top_xid, 0)..=(*top_xid, u64::MAX))? {
+                        for entry in staging.range((top_xid, 0)..=(top_xid, u64::MAX))? {
                             let (_, v) = entry?;
                             let (_, event): (u32, ChangeEvent) = postcard::from_bytes(v.value())?;
                             staged.push(event);
                         }
                         for (ordinal, mut event) in staged.into_iter().enumerate() {
-                            event.position = Position::change(*commit_lsn, ordinal as u64);
-                            event.commit_ts_us = *commit_ts_us;
-                            append(&event, &mut toast)?;
+                            event.position = Position::change(commit_lsn, ordinal as u64);
+                            event.commit_ts_us = commit_ts_us;
+                            append(event, &mut toast)?;
                         }
-                        staging.retain_in((*top_xid, 0)..=(*top_xid, u64::MAX), |_, _| false)?;
+                        staging.retain_in((top_xid, 0)..=(top_xid, u64::MAX), |_, _| false)?;
                     }
                     Step::Abort { top_xid, sub_xid } => {
                         let whole = top_xid == sub_xid;
-                        staging.retain_in((*top_xid, 0)..=(*top_xid, u64::MAX), |_, v| {
+                        staging.retain_in((top_xid, 0)..=(top_xid, u64::MAX), |_, v| {
                             !whole
                                 && postcard::from_bytes::<(u32, ChangeEvent)>(v)
-                                    .map(|(s, _)| s != *sub_xid)
+                                    .map(|(s, _)| s != sub_xid)
                                     .unwrap_or(true)
                         })?;
                     }
@@ -166,7 +176,7 @@ impl WriteBatch {
                         meta.insert(key.as_str(), value.as_slice())?;
                     }
                     Step::Schema(id, schema) => {
-                        schemas.insert(*id, postcard::to_allocvec(schema)?.as_slice())?;
+                        schemas.insert(id, postcard::to_allocvec(&schema)?.as_slice())?;
                     }
                 }
             }
@@ -177,7 +187,7 @@ impl WriteBatch {
             meta.insert("head", head.to_le_bytes().as_slice())?;
         }
         tx.commit()?;
-        Ok(head)
+        Ok((head, appended))
     }
 }
 
@@ -196,15 +206,17 @@ struct Segment {
 }
 
 impl Segment {
-    fn push(&mut self, offset: u64, event: &ChangeEvent) -> Result<()> {
+    /// Appends one event; returns its encoded size.
+    fn push(&mut self, offset: u64, event: &ChangeEvent) -> Result<usize> {
         if self.count == 0 {
             self.buf.clear();
             self.buf.extend_from_slice(&offset.to_le_bytes());
         }
+        let before = self.buf.len();
         self.buf = postcard::to_extend(event, std::mem::take(&mut self.buf))?;
         self.count += 1;
         self.last = offset;
-        Ok(())
+        Ok(self.buf.len() - before)
     }
 
     fn full(&self) -> bool {

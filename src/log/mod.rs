@@ -7,11 +7,13 @@
 //! cursor are deleted; redb reuses their pages, so the file stays as large as the peak backlog.
 
 mod batch;
+mod recent;
 mod toast;
 
 pub use batch::WriteBatch;
 
 use batch::{decode_segment, segment_first};
+use recent::RecentEvents;
 pub use toast::{toast_key, ToastEntry};
 
 use crate::error::{Error, Result};
@@ -19,12 +21,15 @@ use crate::event::{ChangeEvent, TableSchema};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// redb's page cache. Its default (1 GiB) would let the cache alone exceed sluice's memory
 /// budget; the log is read mostly once, front to back, so a small cache loses little.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// Memory for the newest events, which sinks that keep up read without touching the disk:
+/// about two snapshot chunks.
+const RECENT_BYTES: usize = 48 * 1024 * 1024;
 
 /// Segments of events, keyed by the offset of their last event (see `batch::Segment`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -43,13 +48,15 @@ pub struct EmbeddedLog {
     path: PathBuf,
     /// The offset of the newest durable event (0 when the log has never held one).
     head: watch::Sender<u64>,
+    recent: Arc<Mutex<RecentEvents>>,
 }
 
 /// One event read back from the log.
 #[derive(Debug, Clone)]
 pub struct LogRecord {
     pub offset: u64,
-    pub event: ChangeEvent,
+    /// Shared with the in-memory window of recent events and with other sinks.
+    pub event: Arc<ChangeEvent>,
     /// Encoded size, for byte-bounded batches.
     pub bytes: usize,
 }
@@ -86,7 +93,8 @@ impl EmbeddedLog {
             last.unwrap_or(0).max(recorded.unwrap_or(0))
         };
         let (head, _) = watch::channel(head);
-        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head })
+        let recent = Arc::new(Mutex::new(RecentEvents::new(RECENT_BYTES)));
+        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head, recent })
     }
 
     pub fn dir(&self) -> &Path {
@@ -107,9 +115,15 @@ impl EmbeddedLog {
     pub async fn commit(&self, batch: WriteBatch) -> Result<u64> {
         let db = self.db.clone();
         let start = self.head();
-        let new_head = tokio::task::spawn_blocking(move || batch.apply(&db, start))
-            .await
-            .map_err(|e| Error::Storage(format!("log writer panicked: {e}")))??;
+        let recent = self.recent.clone();
+        let new_head = tokio::task::spawn_blocking(move || {
+            let (head, appended) = batch.apply(&db, start)?;
+            // Durable now, so readers may see it; filled before the head moves past it.
+            recent.lock().expect("recent events lock").extend(appended);
+            Ok::<_, Error>(head)
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("log writer panicked: {e}")))??;
         if new_head != start {
             self.head.send_replace(new_head);
         }
@@ -118,6 +132,9 @@ impl EmbeddedLog {
 
     /// Reads up to `max_events` events (or about `max_bytes`) starting at `from`.
     pub async fn read(&self, from: u64, max_events: usize, max_bytes: usize) -> Result<Vec<LogRecord>> {
+        if let Some(records) = self.recent.lock().expect("recent events lock").read(from, max_events, max_bytes) {
+            return Ok(records);
+        }
         let db = self.db.clone();
         blocking(move || {
             let rx = db.begin_read()?;
@@ -132,7 +149,7 @@ impl EmbeddedLog {
                         continue;
                     }
                     bytes += size;
-                    out.push(LogRecord { offset, event, bytes: size });
+                    out.push(LogRecord { offset, event: Arc::new(event), bytes: size });
                     if out.len() >= max_events || bytes >= max_bytes {
                         return Ok(out);
                     }
@@ -303,6 +320,7 @@ mod tests {
             commit_ts_us: 0,
             tx_id: Some(1),
             toast_fetched: false,
+            snapshot_last: false,
         }
     }
 

@@ -54,7 +54,8 @@ impl SinkRunner {
                 self.sink.write(records).await?;
                 metrics::histogram!("sluice_sink_batch_seconds", "sink" => self.name.clone())
                     .record(started.elapsed().as_secs_f64());
-                if last_tick.elapsed() < TICK {
+                // A caught-up sink ticks at once, so what it just finished becomes durable now.
+                if last_tick.elapsed() < TICK && next <= self.log.head() {
                     continue;
                 }
             } else {

@@ -1,0 +1,111 @@
+//! The newest committed events, kept in memory so a sink that keeps up with the source reads
+//! them without a disk read and a decode. A sink that falls further behind than this window
+//! reads from the log file as before; the window only ever holds events already durable.
+
+use super::LogRecord;
+use std::collections::VecDeque;
+
+/// A bounded, contiguous window of the log's newest records.
+pub(super) struct RecentEvents {
+    /// Records in offset order, each with its approximate memory size.
+    records: VecDeque<(LogRecord, usize)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl RecentEvents {
+    /// A window holding about `limit` bytes of events.
+    pub fn new(limit: usize) -> Self {
+        Self { records: VecDeque::new(), bytes: 0, limit }
+    }
+
+    /// Adds records that were just committed, dropping the oldest beyond the limit.
+    pub fn extend(&mut self, committed: Vec<LogRecord>) {
+        for record in committed {
+            // The window must stay contiguous for offset arithmetic; a gap (which commits do not
+            // produce) would only cost a disk read, so start over rather than guess.
+            if self.records.back().is_some_and(|(last, _)| last.offset + 1 != record.offset) {
+                self.records.clear();
+                self.bytes = 0;
+            }
+            let size = record.event.approx_size();
+            self.bytes += size;
+            self.records.push_back((record, size));
+        }
+        while self.bytes > self.limit {
+            let Some((_, size)) = self.records.pop_front() else { break };
+            self.bytes -= size;
+        }
+    }
+
+    /// Records from `from` on, up to `max_events` or about `max_bytes` of encoded size; `None`
+    /// when `from` is outside the window.
+    pub fn read(&self, from: u64, max_events: usize, max_bytes: usize) -> Option<Vec<LogRecord>> {
+        let first = self.records.front()?.0.offset;
+        let last = self.records.back()?.0.offset;
+        if from < first || from > last {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (record, _) in self.records.range((from - first) as usize..) {
+            bytes += record.bytes;
+            out.push(record.clone());
+            if out.len() >= max_events || bytes >= max_bytes {
+                break;
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChangeEvent, Op, Position, TableId, Value};
+    use std::sync::Arc;
+
+    fn record(offset: u64) -> LogRecord {
+        let event = ChangeEvent {
+            table: TableId::new("public", "t"),
+            schema_id: 1,
+            op: Op::Insert,
+            key: vec![Value::Int(offset as i64)],
+            before: None,
+            after: Some(vec![Value::Int(offset as i64)]),
+            position: Position::change(offset, 0),
+            commit_ts_us: 0,
+            tx_id: None,
+            toast_fetched: false,
+            snapshot_last: false,
+        };
+        LogRecord { offset, event: Arc::new(event), bytes: 10 }
+    }
+
+    fn offsets(records: &[LogRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn serves_only_offsets_inside_the_window() {
+        let mut w = RecentEvents::new(usize::MAX);
+        w.extend((5..=9).map(record).collect());
+        assert!(w.read(4, 100, usize::MAX).is_none());
+        assert!(w.read(10, 100, usize::MAX).is_none());
+        assert_eq!(offsets(&w.read(7, 100, usize::MAX).unwrap()), vec![7, 8, 9]);
+        assert_eq!(offsets(&w.read(5, 2, usize::MAX).unwrap()), vec![5, 6]);
+        assert_eq!(offsets(&w.read(5, 100, 25).unwrap()), vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn drops_the_oldest_beyond_the_limit_and_restarts_after_a_gap() {
+        let one = record(1).event.approx_size();
+        let mut w = RecentEvents::new(3 * one);
+        w.extend((1..=5).map(record).collect());
+        assert!(w.read(2, 100, usize::MAX).is_none());
+        assert_eq!(offsets(&w.read(3, 100, usize::MAX).unwrap()), vec![3, 4, 5]);
+        w.extend(vec![record(9)]);
+        assert!(w.read(5, 100, usize::MAX).is_none());
+        assert_eq!(offsets(&w.read(9, 100, usize::MAX).unwrap()), vec![9]);
+    }
+}
