@@ -180,7 +180,7 @@ pub async fn run(
 }
 
 /// Bytes of COPY data one chunk may hold, so memory stays flat however wide the rows.
-const CHUNK_BYTES: usize = 32 * 1024 * 1024;
+const CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Blocks in a table's first chunk, before its row density is known.
 const FIRST_CHUNK_BLOCKS: u32 = 32;
 

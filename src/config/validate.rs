@@ -158,10 +158,10 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
     };
     let snapshot_chunk_rows = match &raw.snapshot_chunk_rows {
         Some(n) if n.value == 0 => {
-            return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 50000"))
+            return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 20000"))
         }
         Some(n) => n.value,
-        None => 50_000,
+        None => 20_000,
     };
     Ok(PostgresSourceConfig { conn, tables, snapshot, slot, publication, heartbeat, snapshot_chunk_rows })
 }
