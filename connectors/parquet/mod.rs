@@ -72,7 +72,7 @@ pub struct ParquetSink {
     files_written: u64,
     rows_written: u64,
     /// The partition of the previous record, which the next one almost always shares.
-    last_partition: Option<(u32, i64, String)>,
+    last_partition: Option<(u32, i64, Arc<str>)>,
 }
 
 impl ParquetSink {
@@ -115,14 +115,14 @@ impl ParquetSink {
         Ok(entry)
     }
 
-    fn partition_of(&mut self, e: &ChangeEvent) -> String {
+    fn partition_of(&mut self, e: &ChangeEvent) -> Arc<str> {
         let day = e.commit_ts_us.div_euclid(86_400_000_000);
         if let Some((id, d, p)) = &self.last_partition {
             if *id == e.schema_id && *d == day {
                 return p.clone();
             }
         }
-        let p = self.partition_name(e);
+        let p: Arc<str> = self.partition_name(e).into();
         self.last_partition = Some((e.schema_id, day, p.clone()));
         p
     }
@@ -221,20 +221,20 @@ impl Sink for ParquetSink {
         for record in records {
             self.accepted = self.accepted.max(record.offset);
             let partition = self.partition_of(&record.event);
-            if self.durable.get(&partition).is_some_and(|&d| record.offset <= d) {
+            if self.durable.get(&*partition).is_some_and(|&d| record.offset <= d) {
                 continue;
             }
             let schema_id = record.event.schema_id;
             // A schema change closes the partition's file; the next one has the new columns.
-            if self.open.get(&partition).is_some_and(|f| f.schema_id != schema_id) {
+            if self.open.get(&*partition).is_some_and(|f| f.schema_id != schema_id) {
                 self.close(&partition)?;
             }
-            if !self.open.contains_key(&partition) {
+            if !self.open.contains_key(&*partition) {
                 let (schema, arrow) = self.schema(schema_id).await?;
-                let f = self.open_file(&record, partition.clone(), schema_id, schema, arrow)?;
-                self.open.insert(partition.clone(), f);
+                let f = self.open_file(&record, partition.to_string(), schema_id, schema, arrow)?;
+                self.open.insert(partition.to_string(), f);
             }
-            let f = self.open.get_mut(&partition).expect("opened above");
+            let f = self.open.get_mut(&*partition).expect("opened above");
             f.last_offset = record.offset;
             f.rows += 1;
             f.pending_bytes += record.bytes;

@@ -28,8 +28,8 @@ use tokio::sync::watch;
 /// budget; the log is read mostly once, front to back, so a small cache loses little.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Memory for the newest events, which sinks that keep up read without touching the disk:
-/// about two snapshot chunks.
-const RECENT_BYTES: usize = 48 * 1024 * 1024;
+/// several snapshot chunks.
+const RECENT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Segments of events, keyed by the offset of their last event (see `batch::Segment`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");

@@ -28,7 +28,7 @@ impl RecentEvents {
                 self.records.clear();
                 self.bytes = 0;
             }
-            let size = record.event.approx_size();
+            let size = memory_size(&record);
             self.bytes += size;
             self.records.push_back((record, size));
         }
@@ -57,6 +57,14 @@ impl RecentEvents {
         }
         Some(out)
     }
+}
+
+/// About what a record holds in memory, from its encoded size (which counts every string and
+/// byte of its values) plus the in-memory value slots, without walking the values.
+fn memory_size(record: &LogRecord) -> usize {
+    let e = &record.event;
+    let slots = e.key.len() + e.before.as_ref().map_or(0, Vec::len) + e.after.as_ref().map_or(0, Vec::len);
+    record.bytes + std::mem::size_of::<crate::event::ChangeEvent>() + slots * std::mem::size_of::<crate::event::Value>()
 }
 
 #[cfg(test)]
@@ -99,7 +107,7 @@ mod tests {
 
     #[test]
     fn drops_the_oldest_beyond_the_limit_and_restarts_after_a_gap() {
-        let one = record(1).event.approx_size();
+        let one = memory_size(&record(1));
         let mut w = RecentEvents::new(3 * one);
         w.extend((1..=5).map(record).collect());
         assert!(w.read(2, 100, usize::MAX).is_none());
