@@ -291,8 +291,9 @@ fn format_timetz(micros: i64, offset: i32) -> String {
     format!("{h:02}:{m:02}:{s:02}.{us:06}{sign}{:02}:{:02}", off / 3600, off / 60 % 60)
 }
 
-/// The unscaled integer text of an exact decimal at `scale`; refuses anything that would round.
-pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<String, String> {
+/// A decimal's text split into sign, integer digits and fractional digits without trailing
+/// zeros; refuses what cannot be a DECIMAL at `scale` without rounding.
+fn decimal_parts(text: &str, scale: usize) -> std::result::Result<(bool, &str, &str), String> {
     if matches!(text, "NaN" | "Infinity" | "-Infinity") {
         return Err(format!("{text} cannot be written as DECIMAL; set unbounded_numeric: string"));
     }
@@ -301,11 +302,17 @@ pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<Str
         None => (false, text),
     };
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let scale = scale.max(0) as usize;
-    let frac_trimmed = frac.trim_end_matches('0');
-    if frac_trimmed.len() > scale {
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > scale {
         return Err(format!("{text} has more than {scale} fractional digits; writing it would round"));
     }
+    Ok((neg, int, frac))
+}
+
+/// The unscaled integer text of an exact decimal at `scale`; refuses anything that would round.
+pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<String, String> {
+    let scale = scale.max(0) as usize;
+    let (neg, int, frac_trimmed) = decimal_parts(text, scale)?;
     let mut out = String::with_capacity(int.len() + scale + 1);
     out.push_str(int.trim_start_matches('0'));
     out.push_str(frac_trimmed);
@@ -321,19 +328,8 @@ pub fn unscaled(text: &str, precision: u8, scale: i8) -> std::result::Result<Str
 /// [`unscaled`] as an integer, for precisions up to 38, without building text: the hot path of
 /// every bounded NUMERIC column.
 fn unscaled_i128(text: &str, precision: u8, scale: i8) -> std::result::Result<i128, String> {
-    if matches!(text, "NaN" | "Infinity" | "-Infinity") {
-        return Err(format!("{text} cannot be written as DECIMAL; set unbounded_numeric: string"));
-    }
-    let (neg, digits) = match text.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, text),
-    };
-    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
     let scale = scale.max(0) as usize;
-    let frac = frac.trim_end_matches('0');
-    if frac.len() > scale {
-        return Err(format!("{text} has more than {scale} fractional digits; writing it would round"));
-    }
+    let (neg, int, frac) = decimal_parts(text, scale)?;
     let too_wide = || format!("{text} needs more than {precision} digits");
     let mut value: i128 = 0;
     let mut significant = 0usize;
