@@ -152,13 +152,18 @@ impl ParquetSink {
         let key = format!("{partition}/{name}");
         let path = self.spool.join(format!("{}-{name}", partition.replace('/', "_")));
         let file = std::fs::File::create(&path).map_err(|e| Error::retryable("parquet spool", e))?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             // Every position is distinct: a dictionary would only be built to be discarded.
             .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
-            .build();
+            .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")));
+        // Keys are distinct in a snapshot and nearly so in a changelog; for an integer key the
+        // dictionary never outgrows its size limit, so it would be kept, as large as the column.
+        for i in schema.key_indexes() {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(schema.columns[i].name.as_str()), false);
+        }
+        let props = props.build();
         let writer = ArrowWriter::try_new(file, arrow.clone(), Some(props))
             .map_err(|e| Error::permanent("parquet writer", e))?;
         Ok(OpenFile {
