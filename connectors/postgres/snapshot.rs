@@ -162,6 +162,9 @@ pub async fn run(
             metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
             metrics::counter!("sluice_events_in_total").increment(n);
             batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
+            // The slot cannot advance before the snapshot ends anyway, so the snapshot may wait
+            // for sinks that keep up: they then read it from memory instead of from disk.
+            log.make_room(n as usize, READER_PATIENCE).await;
             // One commit in flight while the next chunk is read; commits stay in order, and
             // each carries the progress that matches its rows.
             if let Some(previous) = in_flight.take() {
@@ -181,6 +184,8 @@ pub async fn run(
 
 /// Bytes of COPY data one chunk may hold, so memory stays flat however wide the rows.
 const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// How long a chunk waits for a sink that has not moved before going ahead without it.
+const READER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Blocks in a table's first chunk, before its row density is known.
 const FIRST_CHUNK_BLOCKS: u32 = 32;
 

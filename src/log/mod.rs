@@ -22,7 +22,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
 
 /// redb's page cache. Its default (1 GiB) would let the cache alone exceed sluice's memory
 /// budget; the log is read mostly once, front to back, so a small cache loses little.
@@ -49,6 +50,8 @@ pub struct EmbeddedLog {
     /// The offset of the newest durable event (0 when the log has never held one).
     head: watch::Sender<u64>,
     recent: Arc<Mutex<RecentEvents>>,
+    /// Woken whenever a reader is handed records, for writers pacing themselves to readers.
+    reads: Arc<Notify>,
 }
 
 /// One event read back from the log.
@@ -94,7 +97,7 @@ impl EmbeddedLog {
         };
         let (head, _) = watch::channel(head);
         let recent = Arc::new(Mutex::new(RecentEvents::new(RECENT_BYTES)));
-        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head, recent })
+        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head, recent, reads: Arc::new(Notify::new()) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -130,8 +133,33 @@ impl EmbeddedLog {
         Ok(new_head)
     }
 
+    /// Waits, while readers keep up, until `events` more would not push unread events out of
+    /// the in-memory window (a bulk writer that outruns its readers would otherwise leave them
+    /// reading from disk). A reader that does not move within `patience` is not waited for.
+    pub async fn make_room(&self, events: usize, patience: Duration) {
+        loop {
+            let read = self.reads.notified();
+            tokio::pin!(read);
+            read.as_mut().enable();
+            let Some(at) = self.recent.lock().expect("recent events lock").should_wait(events) else { return };
+            if tokio::time::timeout(patience, read).await.is_err() {
+                self.recent.lock().expect("recent events lock").reader_stalled(at);
+                return;
+            }
+        }
+    }
+
     /// Reads up to `max_events` events (or about `max_bytes`) starting at `from`.
     pub async fn read(&self, from: u64, max_events: usize, max_bytes: usize) -> Result<Vec<LogRecord>> {
+        let records = self.read_records(from, max_events, max_bytes).await?;
+        if let Some(last) = records.last() {
+            self.recent.lock().expect("recent events lock").note_read(last.offset);
+            self.reads.notify_waiters();
+        }
+        Ok(records)
+    }
+
+    async fn read_records(&self, from: u64, max_events: usize, max_bytes: usize) -> Result<Vec<LogRecord>> {
         if let Some(records) = self.recent.lock().expect("recent events lock").read(from, max_events, max_bytes) {
             return Ok(records);
         }

@@ -11,12 +11,37 @@ pub(super) struct RecentEvents {
     records: VecDeque<(LogRecord, usize)>,
     bytes: usize,
     limit: usize,
+    /// The newest offset handed to a reader, from the window or from disk.
+    read_upto: u64,
+    /// A reader position that a writer stopped waiting for; not waited for again until it moves.
+    stalled_at: Option<u64>,
 }
 
 impl RecentEvents {
     /// A window holding about `limit` bytes of events.
     pub fn new(limit: usize) -> Self {
-        Self { records: VecDeque::new(), bytes: 0, limit }
+        Self { records: VecDeque::new(), bytes: 0, limit, read_upto: 0, stalled_at: None }
+    }
+
+    /// Records that a reader has been given everything up to `offset`.
+    pub fn note_read(&mut self, offset: u64) {
+        self.read_upto = self.read_upto.max(offset);
+    }
+
+    /// Whether a writer about to add `events` should first wait for readers: it should when the
+    /// addition would push records nobody has read out of the window (they would then be read
+    /// from disk), unless the reader stopped moving. Returns the reader position to wait on.
+    pub fn should_wait(&self, events: usize) -> Option<u64> {
+        let (first, last) = (self.records.front()?.0.offset, self.records.back()?.0.offset);
+        let per_event = self.bytes / self.records.len();
+        let unread = last.saturating_sub(self.read_upto.max(first - 1)) as usize;
+        let fits = (unread + events) * per_event <= self.limit;
+        (!fits && self.stalled_at != Some(self.read_upto)).then_some(self.read_upto)
+    }
+
+    /// The reader did not move from `at` while a writer waited: stop waiting for it.
+    pub fn reader_stalled(&mut self, at: u64) {
+        self.stalled_at = Some(at);
     }
 
     /// Adds records that were just committed, dropping the oldest beyond the limit.
@@ -103,6 +128,26 @@ mod tests {
         assert_eq!(offsets(&w.read(7, 100, usize::MAX).unwrap()), vec![7, 8, 9]);
         assert_eq!(offsets(&w.read(5, 2, usize::MAX).unwrap()), vec![5, 6]);
         assert_eq!(offsets(&w.read(5, 100, 25).unwrap()), vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn writers_wait_only_for_readers_that_would_lose_the_window_and_still_move() {
+        let one = memory_size(&record(1));
+        let mut w = RecentEvents::new(10 * one);
+        assert_eq!(w.should_wait(100), None, "an empty window has room");
+        w.extend((1..=6).map(record).collect());
+        // Nothing read: 6 unread + 4 fit, 6 + 5 do not.
+        assert_eq!(w.should_wait(4), None);
+        assert_eq!(w.should_wait(5), Some(0));
+        w.note_read(3);
+        assert_eq!(w.should_wait(7), None);
+        assert_eq!(w.should_wait(8), Some(3));
+        // A reader that did not move while a writer waited is not waited for again...
+        w.reader_stalled(3);
+        assert_eq!(w.should_wait(8), None);
+        // ...until it moves.
+        w.note_read(4);
+        assert_eq!(w.should_wait(9), Some(4));
     }
 
     #[test]
