@@ -157,6 +157,10 @@ impl ParquetSink {
             // Every position is distinct: a dictionary would only be built to be discarded.
             .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            // A column still distinct after 256 KiB of dictionary falls back to plain encoding
+            // sooner (1 MiB kept whole row groups of unique decimals dictionary-encoded): less
+            // CPU and, on the benchmark table, 2% smaller files.
+            .set_dictionary_page_size_limit(256 * 1024)
             .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")));
         // Keys are distinct in a snapshot and nearly so in a changelog; for an integer key the
         // dictionary never outgrows its size limit, so it would be kept, as large as the column.

@@ -44,7 +44,7 @@ impl RecentEvents {
         self.stalled_at = Some(at);
     }
 
-    /// Adds records that were just committed, dropping the oldest beyond the limit.
+    /// Adds records that were just committed; [`Self::evict`] then trims the window.
     pub fn extend(&mut self, committed: Vec<LogRecord>) {
         for record in committed {
             // The window must stay contiguous for offset arithmetic; a gap (which commits do not
@@ -57,10 +57,18 @@ impl RecentEvents {
             self.bytes += size;
             self.records.push_back((record, size));
         }
+    }
+
+    /// Drops the oldest records beyond the limit and returns them, so the caller can free
+    /// them after releasing the window's lock.
+    pub fn evict(&mut self) -> Vec<LogRecord> {
+        let mut evicted = Vec::new();
         while self.bytes > self.limit {
-            let Some((_, size)) = self.records.pop_front() else { break };
+            let Some((record, size)) = self.records.pop_front() else { break };
             self.bytes -= size;
+            evicted.push(record);
         }
+        evicted
     }
 
     /// Records from `from` on, up to `max_events` or about `max_bytes` of encoded size; `None`
@@ -155,9 +163,11 @@ mod tests {
         let one = memory_size(&record(1));
         let mut w = RecentEvents::new(3 * one);
         w.extend((1..=5).map(record).collect());
+        assert_eq!(offsets(&w.evict()), vec![1, 2]);
         assert!(w.read(2, 100, usize::MAX).is_none());
         assert_eq!(offsets(&w.read(3, 100, usize::MAX).unwrap()), vec![3, 4, 5]);
         w.extend(vec![record(9)]);
+        w.evict();
         assert!(w.read(5, 100, usize::MAX).is_none());
         assert_eq!(offsets(&w.read(9, 100, usize::MAX).unwrap()), vec![9]);
     }
