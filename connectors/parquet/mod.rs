@@ -271,12 +271,6 @@ impl Sink for ParquetSink {
         while let Some(f) = self.closed.first() {
             self.store.put(&f.path, &f.key).await?;
             let f = self.closed.remove(0);
-            // `put` may have moved the spooled file into place already.
-            if let Err(e) = std::fs::remove_file(&f.path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %f.path.display(), error = %e, "cannot remove spooled file");
-                }
-            }
             let d = self.durable.entry(f.partition.clone()).or_default();
             *d = (*d).max(f.last_offset);
             self.files_written += 1;

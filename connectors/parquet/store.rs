@@ -46,29 +46,11 @@ impl ObjectStore {
         }
     }
 
-    /// Publishes a finished local file under `key`, replacing any object of that name; the local
-    /// file may be moved rather than copied.
+    /// Publishes a finished local file under `key`, replacing any object of that name. The local
+    /// file is gone afterwards (moved into place, or removed once uploaded).
     pub async fn put(&self, local: &Path, key: &str) -> Result<()> {
         match self {
-            ObjectStore::File { root } => {
-                let dest = root.join(key);
-                let dir = dest.parent().expect("keys have a directory");
-                tokio::fs::create_dir_all(dir).await.map_err(|e| Error::retryable("file sink", e))?;
-                let io = |e| Error::retryable("file sink", e);
-                let f = tokio::fs::File::open(local).await.map_err(io)?;
-                f.sync_all().await.map_err(io)?;
-                // On the same file system the spooled file simply moves into place; elsewhere it
-                // is copied beside the destination first, so readers never see a partial file.
-                if tokio::fs::rename(local, &dest).await.is_err() {
-                    let tmp = dir.join(format!(".{}.tmp", dest.file_name().and_then(|n| n.to_str()).unwrap_or("part")));
-                    tokio::fs::copy(local, &tmp).await.map_err(io)?;
-                    tokio::fs::File::open(&tmp).await.map_err(io)?.sync_all().await.map_err(io)?;
-                    tokio::fs::rename(&tmp, &dest).await.map_err(io)?;
-                }
-                // The rename itself is durable once the directory is.
-                tokio::fs::File::open(dir).await.map_err(io)?.sync_all().await.map_err(io)?;
-                Ok(())
-            }
+            ObjectStore::File { root } => put_file(local, &root.join(key)).await,
             ObjectStore::S3 { client, bucket, prefix, multipart_threshold } => {
                 let key = format!("{prefix}{key}");
                 let size = tokio::fs::metadata(local).await.map_err(|e| Error::retryable("s3 upload", e))?.len();
@@ -82,11 +64,50 @@ impl ObjectStore {
                         .send()
                         .await
                         .map_err(|e| s3_error("put object", &e))?;
-                    return Ok(());
+                } else {
+                    multipart(client, bucket, &key, local, size).await?;
                 }
-                multipart(client, bucket, &key, local, size).await
+                remove_spooled(local).await;
+                Ok(())
             }
         }
+    }
+}
+
+/// Moves (or, across file systems, copies) a finished file to `dest` durably.
+async fn put_file(local: &Path, dest: &Path) -> Result<()> {
+    let io = |e| Error::retryable("file sink", e);
+    let dir = dest.parent().expect("keys have a directory");
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    // A retry after a failed directory sync finds the file already in place.
+    let moved_earlier =
+        !tokio::fs::try_exists(local).await.map_err(io)? && tokio::fs::try_exists(dest).await.map_err(io)?;
+    if !moved_earlier {
+        tokio::fs::File::open(local).await.map_err(io)?.sync_all().await.map_err(io)?;
+        match tokio::fs::rename(local, dest).await {
+            Ok(()) => {}
+            // Copied beside the destination first, so readers never see a partial file.
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("part");
+                let tmp = dir.join(format!(".{name}.tmp"));
+                tokio::fs::copy(local, &tmp).await.map_err(io)?;
+                tokio::fs::File::open(&tmp).await.map_err(io)?.sync_all().await.map_err(io)?;
+                tokio::fs::rename(&tmp, dest).await.map_err(io)?;
+                remove_spooled(local).await;
+            }
+            Err(e) => return Err(io(e)),
+        }
+    }
+    // The rename itself is durable once the directory is.
+    tokio::fs::File::open(dir).await.map_err(io)?.sync_all().await.map_err(io)?;
+    Ok(())
+}
+
+/// Removes a spooled file once its content is published. A failure only leaves a stray file
+/// in the spool directory, which is emptied at the next start, so it is reported, not retried.
+async fn remove_spooled(local: &Path) {
+    if let Err(error) = tokio::fs::remove_file(local).await {
+        tracing::warn!(path = %local.display(), %error, "cannot remove spooled file");
     }
 }
 

@@ -4,16 +4,15 @@
 //! Only types whose binary form is simple and fixed are read in binary; the snapshot casts every
 //! other column to text in its query and decodes it as the text form, like the stream does.
 
-use super::values;
+use super::values::{self, PG_EPOCH_MICROS};
 use crate::event::{ColumnType, Value};
 use std::ops::Range;
 
 /// The 11-byte signature, then 4 bytes of flags and 4 of header-extension length.
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 const HEADER_FIXED: usize = SIGNATURE.len() + 8;
-/// Microseconds and days between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-const PG_EPOCH_DAYS: i32 = 10_957;
+/// Days between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_DAYS: i32 = (PG_EPOCH_MICROS / 86_400_000_000) as i32;
 
 /// Whether the snapshot reads `ty` in binary; otherwise it selects the column as text.
 pub fn reads_binary(ty: &ColumnType) -> bool {

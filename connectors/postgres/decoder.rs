@@ -3,7 +3,7 @@
 use super::catalog::Catalog;
 use super::replication::WalMessage;
 use super::toast::ToastResolver;
-use super::values::decode;
+use super::values::{decode, PG_EPOCH_MICROS};
 use super::HEARTBEAT_PREFIX;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Op, Position, Row, TableId, TableSchema, Value};
@@ -13,9 +13,6 @@ use pg_walstream::{LogicalReplicationMessage as M, TupleData};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// PostgreSQL timestamps count from 2000-01-01.
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// Assigns stable ids to table schemas; a schema change gets a new id.
 pub struct SchemaRegistry {
@@ -142,12 +139,8 @@ impl Decoder {
     ) -> Result<()> {
         match message {
             M::Begin { final_lsn, timestamp, xid } => {
-                self.tx = Some(OpenTx {
-                    commit_lsn: final_lsn,
-                    commit_ts_us: timestamp + PG_EPOCH_OFFSET_US,
-                    xid,
-                    ordinal: 0,
-                });
+                self.tx =
+                    Some(OpenTx { commit_lsn: final_lsn, commit_ts_us: timestamp + PG_EPOCH_MICROS, xid, ordinal: 0 });
             }
             M::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.tx.take().filter(|tx| tx.ordinal > 0) {
@@ -185,7 +178,7 @@ impl Decoder {
             M::StreamStart { xid, .. } => self.stream = Some(xid),
             M::StreamStop => self.stream = None,
             M::StreamCommit { xid, commit_lsn, end_lsn, timestamp, .. } => {
-                batch.promote(xid, commit_lsn, timestamp + PG_EPOCH_OFFSET_US);
+                batch.promote(xid, commit_lsn, timestamp + PG_EPOCH_MICROS);
                 self.toast.promote(xid);
                 self.stream_seq.remove(&xid);
                 self.ack = Some(end_lsn);

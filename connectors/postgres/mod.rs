@@ -323,15 +323,14 @@ async fn heartbeat(
     cancel: CancellationToken,
 ) {
     let mut client = None;
-    // The first one goes out as streaming starts, so a caught-up stream is known at once
-    // (`--until-idle` after a snapshot need not wait a whole interval).
-    let mut first = true;
+    // The first tick is immediate: a caught-up stream is known at once (`--until-idle` after a
+    // snapshot need not wait a whole interval).
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if !std::mem::take(&mut first) {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = cancel.cancelled() => return,
-            }
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = cancel.cancelled() => return,
         }
         if client.is_none() {
             client = client::connect(&conn, "sluice heartbeat").await.ok();

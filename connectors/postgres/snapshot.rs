@@ -127,10 +127,7 @@ pub async fn run(
         while !progress.tables[idx].done {
             if shutdown.is_requested() {
                 // Drain: the chunk being committed is durable before the source stops.
-                if let Some(previous) = in_flight.take() {
-                    previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
-                }
-                return Ok(());
+                return finish_commit(&mut in_flight).await;
             }
             let p = &mut progress.tables[idx];
             let plan = planner.next(&p.next);
@@ -167,18 +164,22 @@ pub async fn run(
             log.make_room(n as usize, READER_PATIENCE).await;
             // One commit in flight while the next chunk is read; commits stay in order, and
             // each carries the progress that matches its rows.
-            if let Some(previous) = in_flight.take() {
-                previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
-            }
+            finish_commit(&mut in_flight).await?;
             let log = log.clone();
             in_flight = Some(tokio::spawn(async move { log.commit(batch).await }));
         }
-        if let Some(previous) = in_flight.take() {
-            previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
-        }
+        finish_commit(&mut in_flight).await?;
         tracing::info!(table = %t.schema.table, rows = progress.tables[idx].rows, "snapshot of table complete");
     }
     tx.commit().await.map_err(|e| query_error("snapshot", e))?;
+    Ok(())
+}
+
+/// Waits for the chunk commit in flight, if any.
+async fn finish_commit(in_flight: &mut Option<tokio::task::JoinHandle<Result<u64>>>) -> Result<()> {
+    if let Some(previous) = in_flight.take() {
+        previous.await.map_err(|e| Error::Storage(format!("snapshot commit: {e}")))??;
+    }
     Ok(())
 }
 

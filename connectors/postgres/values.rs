@@ -13,6 +13,9 @@ pub const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3";
 
 const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), from which the server's
+/// binary timestamps count.
+pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Decodes one value of type `ty` from its text form.
 pub fn decode(ty: &ColumnType, text: &str) -> Result<Value, String> {

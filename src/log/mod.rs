@@ -122,11 +122,7 @@ impl EmbeddedLog {
         let new_head = tokio::task::spawn_blocking(move || {
             let (head, appended) = batch.apply(&db, start)?;
             // Durable now, so readers may see it; filled before the head moves past it.
-            let evicted = {
-                let mut window = recent.lock().expect("recent events lock");
-                window.extend(appended);
-                window.evict()
-            };
+            let evicted = recent.lock().expect("recent events lock").extend(appended);
             // Freed outside the lock, which readers take.
             drop(evicted);
             Ok::<_, Error>(head)

@@ -44,8 +44,9 @@ impl RecentEvents {
         self.stalled_at = Some(at);
     }
 
-    /// Adds records that were just committed; [`Self::evict`] then trims the window.
-    pub fn extend(&mut self, committed: Vec<LogRecord>) {
+    /// Adds records that were just committed and drops the oldest beyond the limit, returning
+    /// them so the caller can free them after releasing the window's lock.
+    pub fn extend(&mut self, committed: Vec<LogRecord>) -> Vec<LogRecord> {
         for record in committed {
             // The window must stay contiguous for offset arithmetic; a gap (which commits do not
             // produce) would only cost a disk read, so start over rather than guess.
@@ -57,11 +58,6 @@ impl RecentEvents {
             self.bytes += size;
             self.records.push_back((record, size));
         }
-    }
-
-    /// Drops the oldest records beyond the limit and returns them, so the caller can free
-    /// them after releasing the window's lock.
-    pub fn evict(&mut self) -> Vec<LogRecord> {
         let mut evicted = Vec::new();
         while self.bytes > self.limit {
             let Some((record, size)) = self.records.pop_front() else { break };
@@ -162,12 +158,10 @@ mod tests {
     fn drops_the_oldest_beyond_the_limit_and_restarts_after_a_gap() {
         let one = memory_size(&record(1));
         let mut w = RecentEvents::new(3 * one);
-        w.extend((1..=5).map(record).collect());
-        assert_eq!(offsets(&w.evict()), vec![1, 2]);
+        assert_eq!(offsets(&w.extend((1..=5).map(record).collect())), vec![1, 2]);
         assert!(w.read(2, 100, usize::MAX).is_none());
         assert_eq!(offsets(&w.read(3, 100, usize::MAX).unwrap()), vec![3, 4, 5]);
         w.extend(vec![record(9)]);
-        w.evict();
         assert!(w.read(5, 100, usize::MAX).is_none());
         assert_eq!(offsets(&w.read(9, 100, usize::MAX).unwrap()), vec![9]);
     }
