@@ -3,7 +3,7 @@
 
 mod catalog;
 pub mod client;
-mod copy_binary;
+pub mod copy_binary;
 mod decoder;
 mod replication;
 pub mod snapshot;

@@ -3,7 +3,10 @@
 //! flight.
 //!
 //! A table is read in ranges of heap blocks (a TID range scan, as cheap for the server as a
-//! sequential scan: no index, no sort), in binary COPY format.
+//! sequential scan: no index, no sort), in binary COPY format. Each row comes with its `ctid`,
+//! so a chunk denser than planned (a bloated table's live rows packed after dead ones) is cut
+//! into pieces that commit separately, each recording the exact tuple to resume after: memory
+//! stays flat whatever the table's density.
 //!
 //! Rows are positioned at the snapshot's LSN: a row read at LSN L reflects every change that
 //! committed before L and none after, so ordering changes by position and applying them in
@@ -20,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Op, Position, TableId, TableSchema, Value};
 use crate::log::{EmbeddedLog, WriteBatch};
 use crate::runtime::Shutdown;
-use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -53,6 +55,8 @@ pub enum ChunkStart {
     Beginning,
     /// The next heap block, valid only while the table keeps its storage file.
     Block { filenode: u32, block: u32 },
+    /// Inside a block: the tuples of `block` after `offset`, then the blocks after it.
+    Tuple { filenode: u32, block: u32, offset: u16 },
 }
 
 impl SnapshotProgress {
@@ -125,48 +129,62 @@ pub async fn run(
         let mut planner = ChunkPlanner::new(&tx, t, chunk_rows, &mut progress.tables[idx]).await?;
         let key_idx = t.schema.key_indexes();
         while !progress.tables[idx].done {
-            if shutdown.is_requested() {
-                // Drain: the chunk being committed is durable before the source stops.
-                return finish_commit(&mut in_flight).await;
+            let plan = planner.next(&progress.tables[idx].next);
+            let mut reader = ChunkReader::open(&tx, &t.schema, &plan).await?;
+            let (mut chunk_rows_read, mut chunk_bytes) = (0, 0);
+            loop {
+                if shutdown.is_requested() {
+                    // Drain: the piece being committed is durable before the source stops.
+                    return finish_commit(&mut in_flight).await;
+                }
+                let piece = reader.next_piece(chunk_rows as usize).await?;
+                chunk_rows_read += piece.rows.len() as u64;
+                chunk_bytes += piece.bytes;
+                let p = &mut progress.tables[idx];
+                let n = piece.rows.len() as u64;
+                let last = (plan.last && piece.complete).then(|| piece.rows.len().wrapping_sub(1));
+                let mut batch = WriteBatch::with_capacity(piece.rows.len() + 1);
+                batch.uses_schema(t.schema_id, &t.schema);
+                for (i, row) in piece.rows.into_iter().enumerate() {
+                    let key = key_idx.iter().map(|&k| row[k].clone()).collect();
+                    batch.append(ChangeEvent {
+                        table: t.schema.table.clone(),
+                        schema_id: t.schema_id,
+                        op: Op::Read,
+                        key,
+                        before: None,
+                        after: Some(row),
+                        position: Position::snapshot(lsn, p.rows + i as u64),
+                        commit_ts_us: started_us,
+                        tx_id: None,
+                        toast_fetched: false,
+                        snapshot_last: last == Some(i),
+                    });
+                }
+                p.rows += n;
+                p.done = last.is_some();
+                p.next = match piece.resume_after {
+                    Some((block, offset)) if !piece.complete => {
+                        ChunkStart::Tuple { filenode: plan.filenode, block, offset }
+                    }
+                    _ => ChunkStart::Block { filenode: plan.filenode, block: plan.end },
+                };
+                metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
+                metrics::counter!("sluice_events_in_total").increment(n);
+                batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
+                // The slot cannot advance before the snapshot ends anyway, so the snapshot may
+                // wait for sinks that keep up: they then read it from memory instead of disk.
+                log.make_room(n as usize, READER_PATIENCE).await;
+                // One commit in flight while the next piece is read; commits stay in order,
+                // and each carries the progress that matches its rows.
+                finish_commit(&mut in_flight).await?;
+                let log = log.clone();
+                in_flight = Some(tokio::spawn(async move { log.commit(batch).await }));
+                if piece.complete {
+                    break;
+                }
             }
-            let p = &mut progress.tables[idx];
-            let plan = planner.next(&p.next);
-            let chunk = read_chunk(&tx, &t.schema, &plan).await?;
-            planner.observe(&plan, &chunk);
-            let mut batch = WriteBatch::with_capacity(chunk.rows.len() + 1);
-            batch.uses_schema(t.schema_id, &t.schema);
-            let n = chunk.rows.len() as u64;
-            let last = plan.last.then(|| chunk.rows.len().wrapping_sub(1));
-            for (i, row) in chunk.rows.into_iter().enumerate() {
-                let key = key_idx.iter().map(|&k| row[k].clone()).collect();
-                batch.append(ChangeEvent {
-                    table: t.schema.table.clone(),
-                    schema_id: t.schema_id,
-                    op: Op::Read,
-                    key,
-                    before: None,
-                    after: Some(row),
-                    position: Position::snapshot(lsn, p.rows + i as u64),
-                    commit_ts_us: started_us,
-                    tx_id: None,
-                    toast_fetched: false,
-                    snapshot_last: last == Some(i),
-                });
-            }
-            p.rows += n;
-            p.done = last.is_some();
-            p.next = ChunkStart::Block { filenode: plan.filenode, block: plan.end };
-            metrics::counter!("sluice_snapshot_rows_total", "table" => t.schema.table.to_string()).increment(n);
-            metrics::counter!("sluice_events_in_total").increment(n);
-            batch.put_meta(PROGRESS_KEY, postcard::to_allocvec(&*progress)?);
-            // The slot cannot advance before the snapshot ends anyway, so the snapshot may wait
-            // for sinks that keep up: they then read it from memory instead of from disk.
-            log.make_room(n as usize, READER_PATIENCE).await;
-            // One commit in flight while the next chunk is read; commits stay in order, and
-            // each carries the progress that matches its rows.
-            finish_commit(&mut in_flight).await?;
-            let log = log.clone();
-            in_flight = Some(tokio::spawn(async move { log.commit(batch).await }));
+            planner.observe(&plan, chunk_rows_read, chunk_bytes);
         }
         finish_commit(&mut in_flight).await?;
         tracing::info!(table = %t.schema.table, rows = progress.tables[idx].rows, "snapshot of table complete");
@@ -183,9 +201,10 @@ async fn finish_commit(in_flight: &mut Option<tokio::task::JoinHandle<Result<u64
     Ok(())
 }
 
-/// Bytes of COPY data one chunk may hold, so memory stays flat however wide the rows.
-const CHUNK_BYTES: usize = 8 * 1024 * 1024;
-/// How long a chunk waits for a sink that has not moved before going ahead without it.
+/// COPY bytes one piece may hold: a piece is committed as one batch, so memory stays flat
+/// however wide the rows or dense the chunk.
+const PIECE_BYTES: usize = 8 * 1024 * 1024;
+/// How long a piece waits for a sink that has not moved before going ahead without it.
 const READER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Blocks in a table's first chunk, before its row density is known.
 const FIRST_CHUNK_BLOCKS: u32 = 32;
@@ -194,13 +213,16 @@ const FIRST_CHUNK_BLOCKS: u32 = 32;
 struct ChunkPlan {
     filenode: u32,
     start: u32,
+    /// Resuming inside `start`: only its tuples after this offset.
+    after: Option<u16>,
     end: u32,
     /// `end` is the table's size in blocks: this is its last chunk.
     last: bool,
 }
 
 impl ChunkPlan {
-    /// Types without a simple binary form are selected as text and decoded like the stream's.
+    /// Types without a simple binary form are selected as text and decoded like the stream's;
+    /// `ctid` comes last, to record where a piece ends.
     fn sql(&self, schema: &TableSchema) -> String {
         let cols: Vec<String> = schema
             .columns
@@ -210,18 +232,21 @@ impl ChunkPlan {
                 false => format!("{}::text", quote_ident(&c.name)),
             })
             .collect();
+        let from = match self.after {
+            Some(offset) => format!("ctid > '({},{offset})'::tid", self.start),
+            None => format!("ctid >= '({},0)'::tid", self.start),
+        };
         format!(
-            "COPY (SELECT {} FROM {} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {}, ctid FROM {} WHERE {from} AND ctid < '({},0)'::tid) TO STDOUT (FORMAT binary)",
             cols.join(", "),
             qualified(&schema.table),
-            self.start,
             self.end
         )
     }
 }
 
 /// Sizes chunks from what earlier chunks of the table held: about `chunk_rows` rows and at most
-/// [`CHUNK_BYTES`] of COPY data.
+/// [`PIECE_BYTES`] of COPY data, so a chunk is usually one piece.
 struct ChunkPlanner {
     chunk_rows: u64,
     /// The table's storage file, and its size in blocks when this run's snapshot began.
@@ -254,92 +279,140 @@ impl ChunkPlanner {
         let filenode: u32 = row.get(0);
         let size = u32::try_from(row.get::<_, i64>(1))
             .map_err(|_| Error::permanent("snapshot", format!("{} has too many blocks", table.schema.table)))?;
-        if let ChunkStart::Block { filenode: before, .. } = progress.next {
-            if before != filenode {
-                tracing::warn!(table = %table.schema.table, "table was rewritten since the interrupted snapshot; reading it again from the start");
-                progress.next = ChunkStart::Beginning;
-            }
+        let stored = match progress.next {
+            ChunkStart::Beginning => None,
+            ChunkStart::Block { filenode, .. } | ChunkStart::Tuple { filenode, .. } => Some(filenode),
+        };
+        if stored.is_some_and(|before| before != filenode) {
+            tracing::warn!(table = %table.schema.table, "table was rewritten since the interrupted snapshot; reading it again from the start");
+            progress.next = ChunkStart::Beginning;
         }
         Ok(Self { chunk_rows, filenode, size, rows_seen: 0, bytes_seen: 0, blocks_seen: 0 })
     }
 
     fn next(&self, from: &ChunkStart) -> ChunkPlan {
-        let start = match from {
-            ChunkStart::Block { block, .. } => *block,
-            ChunkStart::Beginning => 0,
+        let (start, after) = match *from {
+            ChunkStart::Beginning => (0, None),
+            ChunkStart::Block { block, .. } => (block, None),
+            ChunkStart::Tuple { block, offset, .. } => (block, Some(offset)),
         };
         let count = match self.bytes_seen.checked_div(self.rows_seen) {
             None if self.blocks_seen == 0 => FIRST_CHUNK_BLOCKS as u64,
             // Only empty blocks so far: widen quickly over them.
             None => (self.blocks_seen * 2).min(1 << 20),
             Some(avg_row_bytes) => {
-                let rows = self.chunk_rows.min(CHUNK_BYTES as u64 / avg_row_bytes.max(1)).max(1);
+                let rows = self.chunk_rows.min(PIECE_BYTES as u64 / avg_row_bytes.max(1)).max(1);
                 let rows_per_block = self.rows_seen as f64 / self.blocks_seen as f64;
                 ((rows as f64 / rows_per_block) as u64).max(1)
             }
         };
-        let end = (start as u64 + count).min(self.size as u64) as u32;
-        ChunkPlan { filenode: self.filenode, start, end, last: end >= self.size }
+        // A resumed block is read in full (from its offset) whatever the estimate.
+        let end = (start as u64 + count.max(1)).min(self.size as u64).max(start as u64 + 1) as u32;
+        ChunkPlan { filenode: self.filenode, start, after, end, last: end >= self.size }
     }
 
-    fn observe(&mut self, plan: &ChunkPlan, chunk: &Chunk) {
-        self.rows_seen += chunk.rows.len() as u64;
-        self.bytes_seen += chunk.bytes as u64;
+    fn observe(&mut self, plan: &ChunkPlan, rows: u64, bytes: usize) {
+        self.rows_seen += rows;
+        self.bytes_seen += bytes as u64;
         self.blocks_seen += (plan.end - plan.start) as u64;
     }
 }
 
-struct Chunk {
+/// Rows of a chunk committed together.
+struct Piece {
     rows: Vec<Vec<Value>>,
-    /// COPY bytes read.
+    /// COPY bytes read for these rows.
     bytes: usize,
+    /// The `ctid` (block, offset) of the piece's last row.
+    resume_after: Option<(u32, u16)>,
+    /// The chunk's COPY ended with this piece.
+    complete: bool,
 }
 
-async fn read_chunk(tx: &Transaction<'_>, schema: &TableSchema, plan: &ChunkPlan) -> Result<Chunk> {
-    let stream = tx.copy_out(&plan.sql(schema)).await.map_err(|e| query_error("snapshot COPY", e))?;
-    futures::pin_mut!(stream);
-    let mut rows = Vec::new();
-    let mut bytes = 0;
-    let mut pending: Vec<u8> = Vec::new();
-    let mut parser = BinaryRows::default();
-    let mut fields = Vec::with_capacity(schema.columns.len());
-    let bad = |m: String| Error::permanent(format!("snapshot of {}", schema.table), m);
-    let mut ended = false;
-    while let Some(chunk) = stream.next().await {
-        let chunk: Bytes = chunk.map_err(|e| query_error("snapshot COPY", e))?;
-        bytes += chunk.len();
-        pending.extend_from_slice(&chunk);
-        let mut start = 0;
+/// A chunk's COPY stream, decoded and cut into pieces.
+struct ChunkReader<'a> {
+    stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    schema: &'a TableSchema,
+    /// Received bytes not yet parsed start at `pending[start..]`.
+    pending: Vec<u8>,
+    start: usize,
+    parser: BinaryRows,
+    fields: Vec<Option<std::ops::Range<usize>>>,
+}
+
+impl<'a> ChunkReader<'a> {
+    async fn open(tx: &Transaction<'_>, schema: &'a TableSchema, plan: &ChunkPlan) -> Result<Self> {
+        let stream = tx.copy_out(&plan.sql(schema)).await.map_err(|e| query_error("snapshot COPY", e))?;
+        Ok(Self {
+            stream: Box::pin(stream),
+            schema,
+            pending: Vec::new(),
+            start: 0,
+            parser: BinaryRows::default(),
+            fields: Vec::with_capacity(schema.columns.len() + 1),
+        })
+    }
+
+    fn bad(&self, m: String) -> Error {
+        Error::permanent(format!("snapshot of {}", self.schema.table), m)
+    }
+
+    /// Reads rows until `max_rows` or [`PIECE_BYTES`] are reached or the chunk ends. Always
+    /// returns a piece (empty only for a chunk without rows), so the chunk's end is committed
+    /// as progress.
+    async fn next_piece(&mut self, max_rows: usize) -> Result<Piece> {
+        let mut piece = Piece { rows: Vec::new(), bytes: 0, resume_after: None, complete: false };
         loop {
-            match parser.next_row(&pending[start..], &mut fields).map_err(bad)? {
-                Next::Row { consumed } => {
-                    if fields.len() != schema.columns.len() {
-                        return Err(bad(format!("expected {} fields, got {}", schema.columns.len(), fields.len())));
-                    }
-                    let base = &pending[start..];
-                    let row = fields
-                        .iter()
-                        .zip(&schema.columns)
-                        .map(|(f, c)| match f {
-                            None => Ok(Value::Null),
-                            Some(r) => copy_binary::decode(&c.ty, &base[r.clone()])
-                                .map_err(|e| bad(format!("column {}: {e}", c.name))),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    rows.push(row);
-                    start += consumed;
-                }
-                Next::NeedMore => break,
+            let full = piece.rows.len() >= max_rows.max(1) || piece.bytes >= PIECE_BYTES;
+            match self.parser.next_row(&self.pending[self.start..], &mut self.fields).map_err(|e| self.bad(e))? {
                 Next::End => {
-                    ended = true;
-                    break;
+                    piece.complete = true;
+                    return Ok(piece);
+                }
+                // Cut only once the next row is here: a piece that ends the chunk says so, and
+                // its last row can carry the snapshot's end.
+                Next::Row { .. } if full => return Ok(piece),
+                Next::Row { consumed } => {
+                    let (row, tid) = self.decode_row()?;
+                    piece.rows.push(row);
+                    piece.resume_after = Some(tid);
+                    piece.bytes += consumed;
+                    self.start += consumed;
+                }
+                Next::NeedMore => {
+                    self.pending.drain(..self.start);
+                    self.start = 0;
+                    match self.stream.next().await {
+                        Some(chunk) => {
+                            self.pending.extend_from_slice(&chunk.map_err(|e| query_error("snapshot COPY", e))?)
+                        }
+                        None => return Err(self.bad("the COPY stream ended inside a row".into())),
+                    }
                 }
             }
         }
-        pending.drain(..start);
     }
-    if !ended {
-        return Err(bad("the COPY stream ended inside a row".into()));
+
+    /// Decodes the row whose fields the parser just found: the table's columns, then `ctid`.
+    fn decode_row(&self) -> Result<(Vec<Value>, (u32, u16))> {
+        let columns = &self.schema.columns;
+        if self.fields.len() != columns.len() + 1 {
+            return Err(self.bad(format!("expected {} fields, got {}", columns.len() + 1, self.fields.len())));
+        }
+        let base = &self.pending[self.start..];
+        let row = self.fields[..columns.len()]
+            .iter()
+            .zip(columns)
+            .map(|(f, c)| match f {
+                None => Ok(Value::Null),
+                Some(r) => copy_binary::decode(&c.ty, &base[r.clone()])
+                    .map_err(|e| self.bad(format!("column {}: {e}", c.name))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tid = match &self.fields[columns.len()] {
+            Some(r) => copy_binary::tid(&base[r.clone()]).map_err(|e| self.bad(format!("ctid: {e}")))?,
+            None => return Err(self.bad("ctid is NULL".into())),
+        };
+        Ok((row, tid))
     }
-    Ok(Chunk { rows, bytes })
 }
