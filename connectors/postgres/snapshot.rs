@@ -400,15 +400,18 @@ impl<'a> ChunkReader<'a> {
             return Err(self.bad(format!("expected {} fields, got {}", columns.len() + 1, self.fields.len())));
         }
         let base = &self.pending[self.start..];
-        let row = self.fields[..columns.len()]
-            .iter()
-            .zip(columns)
-            .map(|(f, c)| match f {
-                None => Ok(Value::Null),
-                Some(r) => copy_binary::decode(&c.ty, &base[r.clone()])
-                    .map_err(|e| self.bad(format!("column {}: {e}", c.name))),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // A plain loop: collecting `Result`s moves every value through the error's larger
+        // layout, which costs a snapshot several percent of its CPU.
+        let mut row = Vec::with_capacity(columns.len());
+        for (f, c) in self.fields[..columns.len()].iter().zip(columns) {
+            row.push(match f {
+                None => Value::Null,
+                Some(r) => match copy_binary::decode(&c.ty, &base[r.clone()]) {
+                    Ok(value) => value,
+                    Err(e) => return Err(self.bad(format!("column {}: {e}", c.name))),
+                },
+            });
+        }
         let tid = match &self.fields[columns.len()] {
             Some(r) => copy_binary::tid(&base[r.clone()]).map_err(|e| self.bad(format!("ctid: {e}")))?,
             None => return Err(self.bad("ctid is NULL".into())),
