@@ -419,3 +419,49 @@ impl<'a> ChunkReader<'a> {
         Ok((row, tid))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Column, ColumnType};
+
+    fn planner(size: u32) -> ChunkPlanner {
+        ChunkPlanner { chunk_rows: 1000, filenode: 7, size, rows_seen: 0, bytes_seen: 0, blocks_seen: 0 }
+    }
+
+    #[test]
+    fn a_piece_boundary_resumes_after_its_tuple_and_reads_the_rest_of_its_block() {
+        let mut p = planner(100);
+        // 50 rows of 100 bytes per block: 1000 rows are 20 blocks.
+        p.observe(&ChunkPlan { filenode: 7, start: 0, after: None, end: 32, last: false }, 1600, 160_000);
+        let plan = p.next(&ChunkStart::Tuple { filenode: 7, block: 40, offset: 12 });
+        assert_eq!((plan.start, plan.after, plan.end, plan.last), (40, Some(12), 60, false));
+        let schema = TableSchema {
+            table: TableId::new("public", "t"),
+            columns: vec![
+                Column { name: "id".into(), ty: ColumnType::Int32, key: true, toastable: false },
+                Column { name: "v".into(), ty: ColumnType::Interval, key: false, toastable: false },
+            ],
+            toast_target: 0,
+        };
+        assert_eq!(
+            plan.sql(&schema),
+            "COPY (SELECT \"id\", \"v\"::text, ctid FROM \"public\".\"t\" \
+             WHERE ctid > '(40,12)'::tid AND ctid < '(60,0)'::tid) TO STDOUT (FORMAT binary)"
+        );
+        let plan = p.next(&ChunkStart::Block { filenode: 7, block: 90 });
+        assert_eq!((plan.start, plan.after, plan.end, plan.last), (90, None, 100, true));
+        assert!(plan.sql(&schema).contains("WHERE ctid >= '(90,0)'::tid AND ctid < '(100,0)'::tid"));
+    }
+
+    #[test]
+    fn empty_blocks_widen_the_next_chunk_and_the_last_block_still_reads() {
+        let mut p = planner(1 << 20);
+        assert_eq!(p.next(&ChunkStart::Beginning).end, FIRST_CHUNK_BLOCKS);
+        p.observe(&ChunkPlan { filenode: 7, start: 0, after: None, end: 32, last: false }, 0, 0);
+        assert_eq!(p.next(&ChunkStart::Block { filenode: 7, block: 32 }).end, 32 + 64);
+        // Resuming inside the table's last block reads it, and is the table's last chunk.
+        let plan = planner(10).next(&ChunkStart::Tuple { filenode: 7, block: 9, offset: 3 });
+        assert_eq!((plan.start, plan.after, plan.end, plan.last), (9, Some(3), 10, true));
+    }
+}
