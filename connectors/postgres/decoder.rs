@@ -233,15 +233,44 @@ impl Decoder {
         let (schema_id, schema) = (r.schema_id, r.schema.clone());
         let before = old.map(|t| row(&schema, &t)).transpose()?;
         let after = new.map(|t| row(&schema, &t)).transpose()?;
+        let key_of =
+            |r: &Row| -> Row { schema.columns.iter().zip(r).filter(|(c, _)| c.key).map(|(_, v)| v.clone()).collect() };
         let source = after.as_ref().or(before.as_ref()).expect("a change has a row");
-        let key: Row = schema.columns.iter().zip(source).filter(|(c, _)| c.key).map(|(_, v)| v.clone()).collect();
+        let key = key_of(source);
+        // The server sends the old row of an update only when the key changed (or with REPLICA
+        // IDENTITY FULL): a changed key is the old key's delete, then the new key's insert, as
+        // Debezium emits it, so keyed sinks and changelog readers never keep the old key.
+        let old_key = before.as_ref().map(key_of).filter(|k| op == Op::Update && *k != key);
         // With REPLICA IDENTITY DEFAULT the old row of a delete holds only the key.
         let before = before.filter(|b| b.iter().enumerate().any(|(i, v)| !schema.columns[i].key && *v != Value::Null));
-        let mut event = self.event(&schema, schema_id, op, key, before, after);
-        self.toast.resolve(&mut event, &schema, self.stream, log, catalog.client()).await?;
-        let fetched = event.toast_fetched;
-        self.emit(event, &schema, schema_id, stream_xid, batch);
+        let Some(old_key) = old_key else {
+            let mut event = self.event(&schema, schema_id, op, key, before, after);
+            self.toast.resolve(&mut event, &schema, self.stream, log, catalog.client()).await?;
+            let fetched = event.toast_fetched;
+            self.emit(event, &schema, schema_id, stream_xid, batch);
+            return Ok(fetched);
+        };
+        // Unchanged TOAST values of the new row are the old key's: resolved under it before the
+        // delete forgets them, then remembered under the new key.
+        let mut insert = self.event(&schema, schema_id, Op::Insert, key, before.clone(), after);
+        self.toast.resolve_as(&mut insert, &old_key, &schema, self.stream, log, catalog.client()).await?;
+        let mut delete = self.event(&schema, schema_id, Op::Delete, old_key, before, None);
+        self.toast.resolve(&mut delete, &schema, self.stream, log, catalog.client()).await?;
+        self.emit(delete, &schema, schema_id, stream_xid, batch);
+        insert.before = None;
+        insert.position = self.position();
+        let fetched = insert.toast_fetched;
+        self.emit(insert, &schema, schema_id, stream_xid, batch);
         Ok(fetched)
+    }
+
+    /// The position of the next change of the current transaction.
+    fn position(&self) -> Position {
+        match &self.tx {
+            Some(tx) => Position::change(tx.commit_lsn, tx.ordinal),
+            // Streamed: positions are assigned when the transaction commits.
+            None => Position::change(0, 0),
+        }
     }
 
     fn event(
@@ -253,10 +282,11 @@ impl Decoder {
         before: Option<Row>,
         after: Option<Row>,
     ) -> ChangeEvent {
-        let (position, commit_ts_us, tx_id) = match &self.tx {
-            Some(tx) => (Position::change(tx.commit_lsn, tx.ordinal), tx.commit_ts_us, Some(tx.xid as u64)),
-            // Streamed: position and commit time are assigned when the transaction commits.
-            None => (Position::change(0, 0), 0, self.stream.map(|x| x as u64)),
+        let position = self.position();
+        let (commit_ts_us, tx_id) = match &self.tx {
+            Some(tx) => (tx.commit_ts_us, Some(tx.xid as u64)),
+            // Streamed: commit time is assigned when the transaction commits.
+            None => (0, self.stream.map(|x| x as u64)),
         };
         ChangeEvent {
             table: schema.table.clone(),

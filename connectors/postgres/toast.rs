@@ -37,6 +37,21 @@ impl ToastResolver {
         log: &EmbeddedLog,
         client: &Client,
     ) -> Result<()> {
+        let key = event.key.clone();
+        self.resolve_as(event, &key, schema, stream, log, client).await
+    }
+
+    /// [`Self::resolve`], looking remembered values up under `remembered_as` (the row's key before an
+    /// update changed it) and remembering the result under the event's own key.
+    pub async fn resolve_as(
+        &mut self,
+        event: &mut ChangeEvent,
+        remembered_as: &[Value],
+        schema: &TableSchema,
+        stream: Option<u32>,
+        log: &EmbeddedLog,
+        client: &Client,
+    ) -> Result<()> {
         if !schema.columns.iter().any(|c| c.toastable) || schema.toast_target == 0 {
             return Ok(());
         }
@@ -50,6 +65,7 @@ impl ToastResolver {
             return Ok(());
         }
         let key = toast_key(&event.table, &event.key);
+        let lookup_key = toast_key(&event.table, remembered_as);
         let Some(after) = event.after.as_mut() else {
             self.forget(stream, key);
             return Ok(());
@@ -65,14 +81,14 @@ impl ToastResolver {
                 }
                 let local = stream
                     .and_then(|x| self.streams.get(&x))
-                    .and_then(|m| m.get(&key))
-                    .or_else(|| self.pending.get(&key));
+                    .and_then(|m| m.get(&lookup_key))
+                    .or_else(|| self.pending.get(&lookup_key));
                 if let Some(v) = local.and_then(|vals| lookup(vals, name)) {
                     after[i] = v.clone();
                     continue;
                 }
                 if stored.is_none() {
-                    stored = log.toast_get(vec![key.clone()]).await?.pop().flatten().map(|e| e.values);
+                    stored = log.toast_get(vec![lookup_key.clone()]).await?.pop().flatten().map(|e| e.values);
                 }
                 if let Some(v) = stored.as_ref().and_then(|vals| lookup(vals, name)) {
                     after[i] = v.clone();

@@ -4,7 +4,7 @@
 //! jsonb, arrays, numeric ...), holding those columns' values: roughly the size of the table's
 //! variable-length data. Deleted rows and truncated tables release their entries.
 
-use crate::event::{Position, Row, TableId, Value};
+use crate::event::{Position, TableId, Value};
 use serde::{Deserialize, Serialize};
 
 /// The toastable values of one row as of `position`.
@@ -27,7 +27,7 @@ pub fn toast_table_prefix(table: &TableId) -> Vec<u8> {
 }
 
 /// The key of a row's TOAST entry.
-pub fn toast_key(table: &TableId, key: &Row) -> Vec<u8> {
+pub fn toast_key(table: &TableId, key: &[Value]) -> Vec<u8> {
     let mut out = toast_table_prefix(table);
     out.extend(postcard::to_allocvec(key).expect("values always encode"));
     out
