@@ -253,7 +253,7 @@ impl Decoder {
         // Unchanged TOAST values of the new row are the old key's: resolved under it before the
         // delete forgets them, then remembered under the new key.
         let mut insert = self.event(&schema, schema_id, Op::Insert, key, before.clone(), after);
-        self.toast.resolve_as(&mut insert, &old_key, &schema, self.stream, log, catalog.client()).await?;
+        self.toast.resolve_as(&mut insert, Some(&old_key), &schema, self.stream, log, catalog.client()).await?;
         let mut delete = self.event(&schema, schema_id, Op::Delete, old_key, before, None);
         self.toast.resolve(&mut delete, &schema, self.stream, log, catalog.client()).await?;
         self.emit(delete, &schema, schema_id, stream_xid, batch);

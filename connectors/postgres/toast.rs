@@ -37,16 +37,15 @@ impl ToastResolver {
         log: &EmbeddedLog,
         client: &Client,
     ) -> Result<()> {
-        let key = event.key.clone();
-        self.resolve_as(event, &key, schema, stream, log, client).await
+        self.resolve_as(event, None, schema, stream, log, client).await
     }
 
-    /// [`Self::resolve`], looking remembered values up under `remembered_as` (the row's key before an
-    /// update changed it) and remembering the result under the event's own key.
+    /// [`Self::resolve`], looking remembered values up under `remembered_as` when given (the
+    /// row's key before an update changed it) and remembering the result under the event's key.
     pub async fn resolve_as(
         &mut self,
         event: &mut ChangeEvent,
-        remembered_as: &[Value],
+        remembered_as: Option<&[Value]>,
         schema: &TableSchema,
         stream: Option<u32>,
         log: &EmbeddedLog,
@@ -65,13 +64,20 @@ impl ToastResolver {
             return Ok(());
         }
         let key = toast_key(&event.table, &event.key);
-        let lookup_key = toast_key(&event.table, remembered_as);
         let Some(after) = event.after.as_mut() else {
             self.forget(stream, key);
             return Ok(());
         };
         let missing: Vec<usize> = (0..after.len()).filter(|&i| after[i] == Value::UnchangedToast).collect();
         if !missing.is_empty() {
+            let old_key;
+            let lookup_key: &[u8] = match remembered_as {
+                Some(old) => {
+                    old_key = toast_key(&event.table, old);
+                    &old_key
+                }
+                None => &key,
+            };
             let mut stored: Option<Values> = None;
             for &i in &missing {
                 let name = &schema.columns[i].name;
@@ -81,14 +87,14 @@ impl ToastResolver {
                 }
                 let local = stream
                     .and_then(|x| self.streams.get(&x))
-                    .and_then(|m| m.get(&lookup_key))
-                    .or_else(|| self.pending.get(&lookup_key));
+                    .and_then(|m| m.get(lookup_key))
+                    .or_else(|| self.pending.get(lookup_key));
                 if let Some(v) = local.and_then(|vals| lookup(vals, name)) {
                     after[i] = v.clone();
                     continue;
                 }
                 if stored.is_none() {
-                    stored = log.toast_get(vec![lookup_key.clone()]).await?.pop().flatten().map(|e| e.values);
+                    stored = log.toast_get(vec![lookup_key.to_vec()]).await?.pop().flatten().map(|e| e.values);
                 }
                 if let Some(v) = stored.as_ref().and_then(|vals| lookup(vals, name)) {
                     after[i] = v.clone();
