@@ -81,10 +81,11 @@ fn newest_file_ms(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The middle value (sorts `values`).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
+/// The middle value.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    sorted[sorted.len() / 2]
 }
 
 /// Rows/s of `COPY bench_orders TO STDOUT` read by a client that only counts rows.
@@ -162,15 +163,15 @@ async fn main() {
     for round in 0..rounds {
         copy_rates.push(copy_rate(&db).await);
         let last = round + 1 == rounds;
-        let (name, data, lake) = match last {
-            true => ("bench".to_string(), data.clone(), lake.clone()),
+        let (name, data, lake, round_file) = match last {
+            true => ("bench".to_string(), data.clone(), lake.clone(), file.clone()),
             false => (
                 format!("bench_warm{round}"),
                 work.path().join(format!("data{round}")),
                 work.path().join(format!("lake{round}")),
+                work.path().join(format!("bench_warm{round}.yaml")),
             ),
         };
-        let round_file = if last { file.clone() } else { work.path().join(format!("{name}.yaml")) };
         std::fs::write(&round_file, pipeline_yaml(&name, &data, &lake)).unwrap();
         let start_ms = now_ms();
         let measured = run_sluice(&round_file);
@@ -184,8 +185,7 @@ async fn main() {
         }
     }
     let snap = snap.expect("at least one round");
-    let (copy_rate, snap_rate) = (median(&mut copy_rates), median(&mut snap_rates));
-    let snap_cpu = median(&mut snap_cpu);
+    let (copy_rate, snap_rate, snap_cpu) = (median(&copy_rates), median(&snap_rates), median(&snap_cpu));
 
     // ---- The same WAL range for both: a baseline slot at the same point, then the workload.
     let slot: String = db
@@ -314,7 +314,7 @@ async fn main() {
     println!("| snapshot CPU seconds per million rows | {:.2} | | |", snap_cpu * 1e6 / rows as f64);
     println!("| streaming CPU seconds per million changes | {:.2} | | |", streamed.cpu * 1e6 / changes as f64);
     println!("| peak RSS of sluice (MiB) | {:.0} | | |", streamed.peak_rss_mib.max(snap.peak_rss_mib));
-    println!("(each round, rows/s: snapshot {snap_rates:.0?}, COPY {copy_rates:.0?})");
+    println!("(each round in order, rows/s: snapshot {snap_rates:.0?}, COPY {copy_rates:.0?})");
     println!(
         "(wall clock: last snapshot run {:.1}s, streaming run {:.1}s with a {changes}-change backlog; pg_recvlogical {recv_secs:.1}s)",
         snap.wall.as_secs_f64(),

@@ -19,6 +19,14 @@ fn validate(path: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
+/// Runs `sluice run`, which must refuse to start with exit code 2; returns stderr.
+fn run_refused(path: &Path) -> String {
+    let out = sluice(&["run", path.to_str().unwrap()], path.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 const GOOD: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
 
 #[test]
@@ -103,9 +111,7 @@ async fn table_without_primary_key_is_refused() {
     let db = TestDb::new("nopk").await;
     db.client.batch_execute("CREATE TABLE logs (at timestamptz, line text)").await.unwrap();
     let file = db.pipeline_file(&["public.logs"], "", "");
-    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&file);
     assert!(err.contains("table public.logs has no primary key"), "{err}");
     assert!(err.contains("ADD PRIMARY KEY"), "{err}");
     assert!(!db.data_dir().join("lake").exists());
@@ -122,9 +128,7 @@ async fn partitioned_table_is_refused_with_its_partitions_named_as_the_fix() {
         .await
         .unwrap();
     let file = db.pipeline_file(&["public.events"], "", "");
-    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&file);
     assert!(err.contains("public.events is a partitioned table; list its partitions"), "{err}");
     assert!(err.contains("pg_partition_tree('public.events')"), "{err}");
 }
@@ -133,9 +137,7 @@ async fn partitioned_table_is_refused_with_its_partitions_named_as_the_fix() {
 async fn missing_table_is_refused() {
     let db = TestDb::new("notable").await;
     let file = db.pipeline_file(&["public.nowhere"], "", "");
-    let out = sluice(&["run", file.to_str().unwrap()], file.parent().unwrap());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&file);
     assert!(err.contains("table public.nowhere does not exist"), "{err}");
 }
 
@@ -145,9 +147,7 @@ fn unreachable_server_fails_fast_and_clearly() {
     // Port 1 on loopback: nothing listens there.
     let path = write(dir.path(), &GOOD.replace("127.0.0.1/cdc", "127.0.0.1:1/cdc"));
     let started = std::time::Instant::now();
-    let out = sluice(&["run", path.to_str().unwrap()], dir.path());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&path);
     assert!(err.contains("cannot connect to cdc@127.0.0.1:1/cdc"), "{err}");
     assert!(err.contains("is the server running and reachable?"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));

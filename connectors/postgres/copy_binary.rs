@@ -175,31 +175,22 @@ pub fn numeric(b: &[u8]) -> Result<String, String> {
     } else {
         write!(out, "{}", digit(0)).expect("writing to a String");
         for i in 1..=weight {
-            push_group(&mut out, digit(i), 4);
+            write!(out, "{:04}", digit(i)).expect("writing to a String");
         }
     }
     if dscale > 0 {
         out.push('.');
-        let mut remaining = dscale;
+        let mut remaining = dscale as usize;
         let mut i = weight + 1;
         while remaining > 0 {
+            // The last group may show only its leading digits.
             let shown = remaining.min(4);
-            push_group(&mut out, digit(i) / 10u16.pow(4 - shown as u32), shown as usize);
+            write!(out, "{:0shown$}", digit(i) / 10u16.pow(4 - shown as u32)).expect("writing to a String");
             remaining -= shown;
             i += 1;
         }
     }
     Ok(out)
-}
-
-/// Appends `value` as exactly `width` decimal digits, zero-padded.
-fn push_group(out: &mut String, mut value: u16, width: usize) {
-    let mut text = [b'0'; 4];
-    for slot in text[..width].iter_mut().rev() {
-        *slot = b'0' + (value % 10) as u8;
-        value /= 10;
-    }
-    out.push_str(std::str::from_utf8(&text[..width]).expect("ASCII digits"));
 }
 
 /// Decodes a `tid` (a row version's place in the heap): its block, then its offset there.
