@@ -180,6 +180,9 @@ pub struct ChangeEvent {
     /// The last row of its table's initial snapshot (Debezium's `snapshot: last`), so a sink
     /// can finish what it holds for the table now instead of at its next roll.
     pub snapshot_last: bool,
+    /// The replication origin of the transaction that made the change, when its writer set one
+    /// (sluice's own sinks do), so a two-way mirror can drop its own echoes.
+    pub origin: Option<Arc<str>>,
 }
 
 impl ChangeEvent {

@@ -51,6 +51,8 @@ struct OpenTx {
     commit_ts_us: i64,
     xid: u32,
     ordinal: u64,
+    /// Set by an Origin message: the transaction was written under a replication origin.
+    origin: Option<Arc<str>>,
 }
 
 pub struct Decoder {
@@ -63,6 +65,8 @@ pub struct Decoder {
     stream: Option<u32>,
     /// Next staging sequence per streamed transaction.
     stream_seq: HashMap<u32, u64>,
+    /// Replication origins of streamed transactions (sent once, in their first chunk).
+    stream_origin: HashMap<u32, Arc<str>>,
     toast: ToastResolver,
     /// The highest LSN safe to acknowledge once the current batch is durable.
     ack: Option<u64>,
@@ -78,6 +82,7 @@ impl Decoder {
             tx: None,
             stream: None,
             stream_seq: HashMap::new(),
+            stream_origin: HashMap::new(),
             toast: ToastResolver::default(),
             ack: None,
         }
@@ -139,8 +144,13 @@ impl Decoder {
     ) -> Result<()> {
         match message {
             M::Begin { final_lsn, timestamp, xid } => {
-                self.tx =
-                    Some(OpenTx { commit_lsn: final_lsn, commit_ts_us: timestamp + PG_EPOCH_MICROS, xid, ordinal: 0 });
+                self.tx = Some(OpenTx {
+                    commit_lsn: final_lsn,
+                    commit_ts_us: timestamp + PG_EPOCH_MICROS,
+                    xid,
+                    ordinal: 0,
+                    origin: None,
+                });
             }
             M::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.tx.take().filter(|tx| tx.ordinal > 0) {
@@ -181,6 +191,7 @@ impl Decoder {
                 batch.promote(xid, commit_lsn, timestamp + PG_EPOCH_MICROS);
                 self.toast.promote(xid);
                 self.stream_seq.remove(&xid);
+                self.stream_origin.remove(&xid);
                 self.ack = Some(end_lsn);
                 progress.last_data_ms.store(now_ms(), Ordering::Release);
             }
@@ -189,6 +200,7 @@ impl Decoder {
                 if xid == subtransaction_xid {
                     self.toast.abort(xid);
                     self.stream_seq.remove(&xid);
+                    self.stream_origin.remove(&xid);
                 }
             }
             M::Message { flags, prefix, content, .. } => {
@@ -206,7 +218,17 @@ impl Decoder {
                     }
                 }
             }
-            M::Type { .. } | M::Origin { .. } => {}
+            M::Origin { origin_name, .. } => {
+                let name: Arc<str> = Arc::from(origin_name);
+                match (self.stream, &mut self.tx) {
+                    (Some(xid), _) => {
+                        self.stream_origin.insert(xid, name);
+                    }
+                    (None, Some(tx)) => tx.origin = Some(name),
+                    (None, None) => {}
+                }
+            }
+            M::Type { .. } => {}
             other => {
                 return Err(Error::permanent(
                     "pgoutput",
@@ -283,10 +305,10 @@ impl Decoder {
         after: Option<Row>,
     ) -> ChangeEvent {
         let position = self.position();
-        let (commit_ts_us, tx_id) = match &self.tx {
-            Some(tx) => (tx.commit_ts_us, Some(tx.xid as u64)),
+        let (commit_ts_us, tx_id, origin) = match &self.tx {
+            Some(tx) => (tx.commit_ts_us, Some(tx.xid as u64), tx.origin.clone()),
             // Streamed: commit time is assigned when the transaction commits.
-            None => (0, self.stream.map(|x| x as u64)),
+            None => (0, self.stream.map(|x| x as u64), self.stream.and_then(|x| self.stream_origin.get(&x).cloned())),
         };
         ChangeEvent {
             table: schema.table.clone(),
@@ -300,6 +322,7 @@ impl Decoder {
             tx_id,
             toast_fetched: false,
             snapshot_last: false,
+            origin,
         }
     }
 

@@ -159,6 +159,7 @@ pub async fn run(
                         tx_id: None,
                         toast_fetched: false,
                         snapshot_last: last == Some(i),
+                        origin: None,
                     });
                 }
                 p.rows += n;

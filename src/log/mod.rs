@@ -351,6 +351,7 @@ mod tests {
             tx_id: Some(1),
             toast_fetched: false,
             snapshot_last: false,
+            origin: None,
         }
     }
 

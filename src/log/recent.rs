@@ -115,6 +115,7 @@ mod tests {
             tx_id: None,
             toast_fetched: false,
             snapshot_last: false,
+            origin: None,
         };
         LogRecord { offset, event: Arc::new(event), bytes: 10 }
     }
