@@ -1,4 +1,5 @@
 //! Sources and sinks.
 
 pub mod parquet;
+pub mod pgsink;
 pub mod postgres;

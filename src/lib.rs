@@ -3,7 +3,9 @@
 pub mod config;
 #[path = "../connectors/mod.rs"]
 pub mod connectors;
+pub mod deadletter;
 pub mod error;
 pub mod event;
 pub mod log;
+pub mod mapping;
 pub mod runtime;

@@ -68,12 +68,23 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
         pg.slot
     );
     for s in &p.sinks {
-        let SinkConfig::Parquet(pq) = s;
-        let target = match &pq.target {
-            config::ObjectTarget::File { root } => format!("file://{}", root.display()),
-            config::ObjectTarget::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
-        };
-        println!("  sink {}: parquet {target}", pq.name);
+        match s {
+            SinkConfig::Parquet(pq) => {
+                let target = match &pq.target {
+                    config::ObjectTarget::File { root } => format!("file://{}", root.display()),
+                    config::ObjectTarget::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+                };
+                println!("  sink {}: parquet {target}", pq.name);
+            }
+            SinkConfig::Postgres(pg) => println!(
+                "  sink {}: postgres {} table {} from {}, conflict {}",
+                pg.name,
+                pg.conn.display_target(),
+                pg.table,
+                pg.mapping.table,
+                pg.conflict.name()
+            ),
+        }
     }
     Ok(())
 }

@@ -2,6 +2,8 @@
 
 use super::secret::Secret;
 use crate::event::TableId;
+use crate::mapping::conflict::Strategy;
+use crate::mapping::MappingConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,17 +92,54 @@ pub enum TransportConfig {
     Embedded { path: PathBuf },
 }
 
+/// Built once per run, so the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
     Parquet(ParquetSinkConfig),
+    Postgres(PostgresSinkConfig),
 }
 
 impl SinkConfig {
     pub fn name(&self) -> &str {
         match self {
             SinkConfig::Parquet(p) => &p.name,
+            SinkConfig::Postgres(p) => &p.name,
         }
     }
+}
+
+/// A table in another PostgreSQL database, kept as a mapped mirror of a source table.
+#[derive(Debug, Clone)]
+pub struct PostgresSinkConfig {
+    pub name: String,
+    pub conn: PgConnection,
+    /// The target table.
+    pub table: TableId,
+    pub mapping: MappingConfig,
+    pub conflict: Strategy,
+    pub version: VersionGuard,
+    pub batch: BatchLimits,
+}
+
+/// What keeps an older change from overwriting a newer one at the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionGuard {
+    /// A text column holding the source position of the change that wrote the record.
+    Position { column: String },
+    /// A mapped timestamp (or other ordered) field: a record is written only if not older.
+    Field { column: String },
+    /// No guard (the target accepts whatever comes last).
+    None,
+}
+
+/// When a sink writes what it has gathered.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Changes per batch (before coalescing).
+    pub max_records: usize,
+    /// How long the first change of a batch may wait.
+    pub max_age: Duration,
 }
 
 #[derive(Debug, Clone)]

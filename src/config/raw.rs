@@ -6,6 +6,7 @@
 //! location of every key and value inside it. Validation still dispatches with one `match` on
 //! the type and rejects keys that do not belong to it.
 
+use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -67,6 +68,7 @@ pub struct RawTransport {
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
     Parquet,
+    Postgres,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,54 @@ pub struct RawSink {
     pub unbounded_numeric: Option<Spanned<String>>,
     #[serde(default)]
     pub partition_by: Option<Spanned<String>>,
+    /// Mapped sinks: the target table or object.
+    #[serde(default)]
+    pub table: Option<Spanned<String>>,
+    /// Mapped sinks: the source table read (default: the only one).
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key: Option<RawKey>,
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
+    #[serde(default)]
+    pub fields: Option<Spanned<IndexMap<String, Spanned<String>>>>,
+    #[serde(default)]
+    pub conflict: Option<RawConflict>,
+    #[serde(default)]
+    pub version: Option<Spanned<String>>,
+    #[serde(default)]
+    pub batch: Option<RawBatch>,
+    #[serde(default)]
+    pub echoes: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub source: Spanned<String>,
+    pub target: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConflict {
+    pub strategy: Spanned<String>,
+    #[serde(default)]
+    pub source_field: Option<Spanned<String>>,
+    #[serde(default)]
+    pub target_field: Option<Spanned<String>>,
+    #[serde(default)]
+    pub owners: Option<IndexMap<String, Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    #[serde(default)]
+    pub max_records: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub max_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

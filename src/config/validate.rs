@@ -5,16 +5,18 @@ use super::raw::*;
 use super::secret::{interpolate, Secret};
 use super::ConfigError;
 use crate::event::TableId;
+use crate::mapping::{Expr, Located};
 use serde_saphyr::Spanned;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-struct Ctx<'a> {
-    file: &'a Path,
+pub(super) struct Ctx<'a> {
+    pub(super) file: &'a Path,
 }
 
 impl Ctx<'_> {
-    fn err<T>(&self, at: &Spanned<T>, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    pub(super) fn err<T>(&self, at: &Spanned<T>, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
         let loc = at.referenced;
         ConfigError {
             file: self.file.to_path_buf(),
@@ -25,11 +27,11 @@ impl Ctx<'_> {
     }
 
     /// Resolves `${env:..}`/`${file:..}` in a value, pointing at it on failure.
-    fn resolve(&self, field: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+    pub(super) fn resolve(&self, field: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
         interpolate(&value.value).map_err(|e| self.err(value, format!("{field}: {}", e.message), e.fix))
     }
 
-    fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
+    pub(super) fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
         humantime::parse_duration(value.value.trim()).map_err(|e| {
             self.err(
                 value,
@@ -37,6 +39,43 @@ impl Ctx<'_> {
                 "write it like 500ms, 5s, 2m or 1h",
             )
         })
+    }
+
+    /// Compiles an expression, pointing at the exact character on failure.
+    pub(super) fn expr(&self, field: &str, value: &Spanned<String>) -> Result<Located, ConfigError> {
+        let loc = value.referenced;
+        // A quoted scalar's span includes its quotes.
+        let quoted = u64::from(loc.span().len() > value.value.chars().count() as u64);
+        let located = |offset: usize| {
+            let before = &value.value[..offset.min(value.value.len())];
+            match before.rfind('\n') {
+                Some(nl) => {
+                    (loc.line() + before.matches('\n').count() as u64, before[nl + 1..].chars().count() as u64 + 1)
+                }
+                None => (loc.line(), loc.column() + quoted + before.chars().count() as u64),
+            }
+        };
+        let expr = Expr::compile(&value.value).map_err(|e| ConfigError {
+            file: self.file.to_path_buf(),
+            at: (loc.line() > 0).then(|| located(e.offset)),
+            message: format!("{field}: {} in `{}`", e.message, value.value),
+            fix: "write an expression like `{{ after.email | lower }}`; the README's mapping reference lists \
+                  the variables (after, before, key, op, source) and filters"
+                .into(),
+        })?;
+        for name in expr.secret_names() {
+            if std::env::var_os(&name).is_none() {
+                return Err(self.err(
+                    value,
+                    format!("{field}: secret('{name}') names an environment variable that is not set"),
+                    format!(
+                        "export {name} before starting sluice (it is read from the environment, never from the file)"
+                    ),
+                ));
+            }
+        }
+        let (line, column) = (loc.line(), loc.column() + quoted);
+        Ok(Located { expr: Arc::new(expr), file: self.file.to_path_buf(), line, column })
     }
 
     fn size(&self, field: &str, value: &Spanned<String>) -> Result<u64, ConfigError> {
@@ -63,6 +102,8 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     let source = match raw.source.kind.value {
         SourceKind::Postgres => SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?),
     };
+    let SourceConfig::Postgres(pg) = &source;
+    let source_tables = pg.tables.clone();
     let default_path = PathBuf::from("data").join(&name);
     let transport = match raw.transport {
         None => TransportConfig::Embedded { path: default_path },
@@ -83,6 +124,7 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     for sink in raw.sinks.value {
         let sink = match sink.kind.value {
             SinkKind::Parquet => SinkConfig::Parquet(parquet_sink(&cx, sink)?),
+            SinkKind::Postgres => SinkConfig::Postgres(super::mapped::postgres_sink(&cx, sink, &source_tables)?),
         };
         sinks.push(sink);
     }
@@ -229,10 +271,48 @@ pub fn parse_pg_url(text: &str) -> Result<PgConnection, String> {
     })
 }
 
-fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError> {
+pub(super) fn sink_name(cx: &Ctx, raw: &RawSink) -> Result<String, ConfigError> {
     let name = raw.name.value.clone();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(cx.err(&raw.name, format!("sink name `{name}` is not valid"), "use letters, digits, `-` and `_`"));
+    }
+    Ok(name)
+}
+
+/// Rejects a key given for a sink type it does not apply to.
+pub(super) fn only_for<T>(
+    cx: &Ctx,
+    sink: &str,
+    kind: &str,
+    key: &str,
+    value: Option<&Spanned<T>>,
+) -> Result<(), ConfigError> {
+    match value {
+        Some(v) => Err(cx.err(
+            v,
+            format!("sink {sink}: `{key}` does not apply to {kind} sinks"),
+            format!("remove `{key}`; the README's sink reference lists the keys of each type"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError> {
+    let name = sink_name(cx, &raw)?;
+    only_for(cx, &name, "parquet", "table", raw.table.as_ref())?;
+    only_for(cx, &name, "parquet", "from", raw.from.as_ref())?;
+    only_for(cx, &name, "parquet", "when", raw.when.as_ref())?;
+    only_for(cx, &name, "parquet", "fields", raw.fields.as_ref())?;
+    only_for(cx, &name, "parquet", "version", raw.version.as_ref())?;
+    only_for(cx, &name, "parquet", "echoes", raw.echoes.as_ref())?;
+    only_for(cx, &name, "parquet", "key", raw.key.as_ref().map(|k| &k.source))?;
+    only_for(cx, &name, "parquet", "conflict", raw.conflict.as_ref().map(|c| &c.strategy))?;
+    if raw.batch.is_some() {
+        return Err(cx.err(
+            &raw.name,
+            format!("sink {name}: `batch` does not apply to parquet sinks"),
+            "parquet files are sized by `roll:`; remove `batch:`",
+        ));
     }
     let url = cx.resolve("url", &raw.url)?;
     let target = if let Some(path) = url.strip_prefix("file://") {

@@ -10,6 +10,7 @@ pub use shutdown::Shutdown;
 
 use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
 use crate::connectors::parquet::ParquetSink;
+use crate::connectors::pgsink::PostgresSink;
 use crate::connectors::postgres::PostgresSource;
 use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
@@ -94,6 +95,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         }
         let sink: Box<dyn Sink> = match cfg.clone() {
             SinkConfig::Parquet(p) => Box::new(ParquetSink::build(p, log.clone(), cursor, state).await?),
+            SinkConfig::Postgres(p) => Box::new(PostgresSink::build(p, &pipeline.name, log.clone(), cursor).await?),
         };
         let status = Arc::new(Mutex::new(SinkStatus { name: name.clone(), ..Default::default() }));
         statuses.push(status.clone());

@@ -1,0 +1,321 @@
+//! The PostgreSQL sink: keeps a table in another database as a mapped mirror of a source table.
+//!
+//! Changes are mapped as they are accepted and coalesced per key into batches of
+//! `batch.max_records` changes; a batch is written when full, when its first change is
+//! `batch.max_age` old, or on flush. A truncate closes the batch before it and is written on
+//! its own, so it never overtakes or is overtaken by the rows around it. The durable cursor
+//! moves to a batch's last offset only after its transaction commits.
+
+pub mod target;
+pub mod writer;
+
+use crate::config::PostgresSinkConfig;
+use crate::connectors::postgres::client::{connect, query_error};
+use crate::deadletter::{EntryStore, Reason};
+use crate::error::{Error, Result};
+use crate::event::{Op, TableSchema};
+use crate::log::{EmbeddedLog, LogRecord};
+use crate::mapping::coalesce::{Change, Coalescer, Pending};
+use crate::mapping::{Mapped, Mapper};
+use crate::runtime::sink::{Progress, Sink};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use target::Target;
+use tokio_postgres::Client;
+use writer::{Applied, Item, Writer};
+
+type Key = Vec<Option<String>>;
+
+/// Changes accepted but not yet written, in log order.
+enum Segment {
+    Batch {
+        coalescer: Coalescer<Key, Vec<minijinja::Value>, Item>,
+        /// Records that failed mapping, dead-lettered when the batch is written.
+        failed: Vec<(Item, String)>,
+        /// The last offset the batch covers (including skipped records).
+        last: u64,
+        started: Instant,
+    },
+    Truncate {
+        offset: u64,
+    },
+}
+
+pub struct PostgresSink {
+    cfg: PostgresSinkConfig,
+    pipeline: String,
+    log: EmbeddedLog,
+    client: Option<Client>,
+    writer: Option<Writer>,
+    mapper: Mapper,
+    schemas: HashMap<u32, Arc<TableSchema>>,
+    segments: VecDeque<Segment>,
+    /// Offsets at or below this may have been written by an earlier run (see `coalesce`).
+    horizon: u64,
+    /// Every offset at or below this is durable in the target (or set aside).
+    durable: u64,
+    /// The last offset accepted.
+    accepted: u64,
+    totals: Applied,
+    changes_in: u64,
+    dead: EntryStore,
+    review: EntryStore,
+}
+
+impl PostgresSink {
+    /// Connects and checks the target table; the mapping is checked against each source schema
+    /// as it is first seen.
+    pub async fn build(cfg: PostgresSinkConfig, pipeline: &str, log: EmbeddedLog, cursor: u64) -> Result<Self> {
+        let dead = EntryStore::dead_letters(log.dir(), &cfg.name);
+        let review = EntryStore::conflicts(log.dir(), &cfg.name);
+        let mut sink = Self {
+            mapper: Mapper::new(cfg.mapping.clone()),
+            horizon: log.head(),
+            cfg,
+            pipeline: pipeline.to_string(),
+            log,
+            client: None,
+            writer: None,
+            schemas: HashMap::new(),
+            segments: VecDeque::new(),
+            durable: cursor,
+            accepted: cursor,
+            totals: Applied::default(),
+            changes_in: 0,
+            dead,
+            review,
+        };
+        // Resolve the mapping against the newest schema of the table, so a wrong column in the
+        // mapping or the target stops the run now rather than at the first change.
+        let latest = sink.log.schemas().await?.into_iter().filter(|(_, s)| s.table == sink.cfg.mapping.table).last();
+        if let Some((id, schema)) = latest {
+            sink.schema(id, Some(schema)).await?;
+        }
+        Ok(sink)
+    }
+
+    /// Totals so far: writes, deletes, kept, parked and rejected records.
+    pub fn applied(&self) -> Applied {
+        self.totals
+    }
+
+    async fn schema(&mut self, id: u32, known: Option<TableSchema>) -> Result<Arc<TableSchema>> {
+        if let Some(s) = self.schemas.get(&id) {
+            return Ok(s.clone());
+        }
+        let schema = match known {
+            Some(s) => s,
+            None => {
+                self.log.schema(id).await?.ok_or_else(|| Error::Storage(format!("schema {id} is not registered")))?
+            }
+        };
+        let schema = Arc::new(schema);
+        self.mapper.prepare(id, schema.clone())?;
+        self.schemas.insert(id, schema.clone());
+        if schema.table == self.cfg.mapping.table && self.writer.is_none() {
+            self.connect().await?;
+        }
+        Ok(schema)
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        let client = connect(&self.cfg.conn, &format!("sluice {} sink {}", self.pipeline, self.cfg.name)).await?;
+        if self.writer.is_none() {
+            let target = Target::introspect(
+                &client,
+                &self.cfg.table,
+                self.mapper.key_names(),
+                self.mapper.field_names(),
+                &self.cfg.version,
+                self.cfg.conflict.reads_target(),
+            )
+            .await?;
+            self.writer = Some(Writer {
+                sink: self.cfg.name.clone(),
+                target,
+                strategy: self.cfg.conflict.clone(),
+                field_names: self.mapper.field_names().to_vec(),
+                dead: self.dead.clone(),
+                review: self.review.clone(),
+            });
+        }
+        mark_origin(&client, &origin_name(&self.pipeline, &self.cfg.name)).await;
+        self.client = Some(client);
+        Ok(())
+    }
+
+    fn batch(&mut self) -> &mut Segment {
+        let full = match self.segments.back() {
+            Some(Segment::Batch { coalescer, failed, .. }) => {
+                coalescer.changes() as usize + failed.len() >= self.cfg.batch.max_records
+            }
+            _ => true,
+        };
+        if full {
+            self.segments.push_back(Segment::Batch {
+                coalescer: Coalescer::new(self.horizon),
+                failed: Vec::new(),
+                last: self.accepted,
+                started: Instant::now(),
+            });
+        }
+        self.segments.back_mut().expect("just ensured")
+    }
+
+    /// Whether the oldest segment should be written now.
+    fn due(&self, flush: bool) -> bool {
+        match self.segments.front() {
+            None => false,
+            Some(Segment::Truncate { .. }) => true,
+            Some(Segment::Batch { coalescer, failed, started, .. }) => {
+                flush
+                    || self.segments.len() > 1
+                    || coalescer.changes() as usize + failed.len() >= self.cfg.batch.max_records
+                    || started.elapsed() >= self.cfg.batch.max_age
+            }
+        }
+    }
+
+    async fn write_front(&mut self) -> Result<()> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            self.connect().await.map_err(|e| Error::retryable("target connection", e))?;
+        }
+        let writer = self.writer.as_ref().expect("connected");
+        let client = self.client.as_mut().expect("connected");
+        match self.segments.front_mut().expect("due") {
+            Segment::Truncate { offset } => {
+                let tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
+                writer.target.truncate(&tx).await?;
+                tx.commit().await.map_err(|e| query_error("commit", e))?;
+                self.durable = *offset;
+            }
+            Segment::Batch { coalescer, failed, last, .. } => {
+                for (item, error) in failed.iter() {
+                    writer.dead.put(writer.entry(item, Reason::Mapping, error.clone(), None))?;
+                }
+                // Kept whole until the transaction commits: a retry writes the same batch.
+                let items: Vec<Item> = coalescer
+                    .pending()
+                    .map(|p: &Pending<Key, _, Item>| {
+                        let mut item = p.last.clone();
+                        item.write = p.write.clone();
+                        item
+                    })
+                    .collect();
+                let applied = writer.apply(client, &items, None).await?;
+                let t = &mut self.totals;
+                t.upserted += applied.upserted;
+                t.deleted += applied.deleted;
+                t.kept += applied.kept;
+                t.parked += applied.parked;
+                t.rejected += applied.rejected + failed.len() as u64;
+                metrics::counter!("sluice_sink_writes_total", "sink" => self.cfg.name.clone())
+                    .increment(applied.upserted + applied.deleted);
+                if !failed.is_empty() || applied.rejected > 0 {
+                    metrics::counter!("sluice_dead_letters_total", "sink" => self.cfg.name.clone())
+                        .increment(failed.len() as u64 + applied.rejected);
+                }
+                self.durable = *last;
+            }
+        }
+        self.segments.pop_front();
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for PostgresSink {
+    async fn write(&mut self, records: Vec<LogRecord>) -> Result<()> {
+        for r in records {
+            self.changes_in += 1;
+            let e = &r.event;
+            let schema =
+                if e.table == self.cfg.mapping.table { Some(self.schema(e.schema_id, None).await?) } else { None };
+            self.accepted = r.offset;
+            let Some(schema) = schema else {
+                // Another table: nothing to write, but the batch covers its offset.
+                if let Segment::Batch { last, .. } = self.batch() {
+                    *last = r.offset;
+                }
+                continue;
+            };
+            let mapped = self.mapper.map(&r.event);
+            let item =
+                |key, write| Item { offset: r.offset, event: r.event.clone(), schema: schema.clone(), key, write };
+            let (key, change, item) = match mapped {
+                Ok(Mapped::Truncate) => {
+                    self.segments.push_back(Segment::Truncate { offset: r.offset });
+                    continue;
+                }
+                Ok(Mapped::Skip(_)) => (None, None, None),
+                Ok(Mapped::Upsert { key, fields }) => {
+                    let change = if r.event.op == Op::Insert {
+                        Change::Insert(fields.clone())
+                    } else {
+                        Change::Upsert(fields.clone())
+                    };
+                    let text = self.writer.as_ref().expect("connected").target.texts(&key, &[]).0;
+                    (Some(text), Some(change), Some(item(key, crate::mapping::coalesce::Write::Upsert(fields))))
+                }
+                Ok(Mapped::Delete { key }) => {
+                    let text = self.writer.as_ref().expect("connected").target.texts(&key, &[]).0;
+                    (Some(text), Some(Change::Delete), Some(item(key, crate::mapping::coalesce::Write::Delete)))
+                }
+                Err(err) => {
+                    let failed = item(Vec::new(), crate::mapping::coalesce::Write::Delete);
+                    tracing::warn!(sink = %self.cfg.name, offset = r.offset, error = %err.0, "mapping failed; dead-lettered");
+                    if let Segment::Batch { failed: list, last, .. } = self.batch() {
+                        list.push((failed, err.0));
+                        *last = r.offset;
+                    }
+                    continue;
+                }
+            };
+            if let Segment::Batch { coalescer, last, .. } = self.batch() {
+                if let (Some(key), Some(change), Some(item)) = (key, change, item) {
+                    coalescer.push(key, change, r.offset, item);
+                }
+                *last = r.offset;
+            }
+        }
+        Ok(())
+    }
+
+    async fn tick(&mut self, flush: bool) -> Result<Progress> {
+        while self.due(flush) {
+            self.write_front().await?;
+        }
+        Ok(Progress { cursor: self.durable, state: Vec::new() })
+    }
+
+    fn written(&self) -> (u64, u64) {
+        (0, self.totals.upserted + self.totals.deleted)
+    }
+}
+
+/// The replication origin a sink's writes carry (`sluice:<pipeline>:<sink>`).
+pub fn origin_name(pipeline: &str, sink: &str) -> String {
+    format!("sluice:{pipeline}:{sink}")
+}
+
+/// Tags the session's transactions with a replication origin, so a pipeline reading this
+/// database recognizes sluice's own writes. Needs superuser or a grant on the origin
+/// functions; without it, writes are untagged and a two-way mirror relies on skipping
+/// no-op updates to stop echoes after one round.
+async fn mark_origin(client: &Client, name: &str) {
+    let setup = async {
+        client
+            .execute(
+                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&name],
+            )
+            .await?;
+        client.execute("SELECT pg_replication_origin_session_setup($1)", &[&name]).await
+    };
+    if let Err(e) = setup.await {
+        tracing::warn!(origin = name, error = %e, "cannot tag writes with a replication origin; echoes are not marked");
+    }
+}

@@ -1,0 +1,174 @@
+//! Writes one coalesced batch to the target in one transaction: conflicts decided against the
+//! target's current state, refused records and parked conflicts set aside durably before the
+//! transaction commits (so none is lost if the process dies in between; setting one aside twice
+//! rewrites the same entry).
+
+use super::target::{Fields, Rejected, Row, State, Target};
+use crate::connectors::postgres::client::query_error;
+use crate::deadletter::{now_text, Entry, EntryStore, Reason};
+use crate::error::Result;
+use crate::event::{ChangeEvent, TableSchema};
+use crate::mapping::coalesce::Write;
+use crate::mapping::conflict::{decide, Decision, Strategy, TargetState};
+use crate::mapping::context::timestamptz_text;
+use minijinja::Value;
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// One record's write, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub offset: u64,
+    pub event: Arc<ChangeEvent>,
+    pub schema: Arc<TableSchema>,
+    pub key: Vec<Value>,
+    pub write: Write<Vec<Value>>,
+}
+
+/// What a batch came to, for counters and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub upserted: u64,
+    pub deleted: u64,
+    /// Conflicts where the target's record stayed as it was.
+    pub kept: u64,
+    pub parked: u64,
+    pub rejected: u64,
+}
+
+pub struct Writer {
+    pub sink: String,
+    pub target: Target,
+    pub strategy: Strategy,
+    pub field_names: Vec<String>,
+    pub dead: EntryStore,
+    pub review: EntryStore,
+}
+
+impl Writer {
+    /// Writes `items` (one per key) in one transaction. `force` replaces the strategy's
+    /// decision (an operator resolving a conflict).
+    pub async fn apply(&self, client: &mut Client, items: &[Item], force: Option<&Decision>) -> Result<Applied> {
+        let mut applied = Applied::default();
+        let keys: Vec<Vec<Option<String>>> = items.iter().map(|i| self.target.texts(&i.key, &[]).0).collect();
+        let states = if self.strategy.reads_target() && force.is_none() {
+            let newest = self.newest_values(items);
+            let newest = match (&self.strategy, &newest) {
+                (Strategy::NewestWins { target_field, .. }, Some(v)) => Some((target_field.as_str(), v.as_slice())),
+                _ => None,
+            };
+            self.target.states(&*client, &keys, newest).await?
+        } else {
+            Default::default()
+        };
+        let mut full = Vec::new();
+        let mut owned: Vec<(Vec<bool>, Vec<usize>)> = Vec::new();
+        let mut deletes = Vec::new();
+        let mut parked = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let state = states.get(&i);
+            let target_state = state.map(|s: &State| TargetState { changed: s.changed, target_newer: s.target_newer });
+            let is_delete = item.write == Write::Delete;
+            let decision = match force {
+                Some(d) => d.clone(),
+                None => decide(&self.strategy, target_state.as_ref(), is_delete, &self.field_names),
+            };
+            match decision {
+                Decision::Write if is_delete => deletes.push(i),
+                Decision::Write => full.push(i),
+                Decision::WriteOwned(mask) => match owned.iter_mut().find(|(m, _)| *m == mask) {
+                    Some((_, list)) => list.push(i),
+                    None => owned.push((mask, vec![i])),
+                },
+                Decision::Keep => applied.kept += 1,
+                Decision::Park => parked.push((i, state.map(|s| s.row.clone()))),
+            }
+        }
+        let rows: Vec<Row> = items.iter().zip(&keys).map(|(item, key)| self.row(item, key.clone())).collect();
+        let pick = |idx: &[usize]| idx.iter().map(|&i| rows[i].clone()).collect::<Vec<_>>();
+        let mut tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
+        let mut rejected: Vec<(usize, String)> = Vec::new();
+        let mut collect = |idx: &[usize], r: Vec<Rejected>| {
+            rejected.extend(r.into_iter().map(|r| (idx[r.index], r.reason)));
+        };
+        let r = self.target.upsert(&mut tx, &pick(&full), Fields::All).await?;
+        applied.upserted += (full.len() - r.len()) as u64;
+        collect(&full, r);
+        for (mask, idx) in &owned {
+            let r = self.target.upsert(&mut tx, &pick(idx), Fields::Owned(mask)).await?;
+            applied.upserted += (idx.len() - r.len()) as u64;
+            collect(idx, r);
+        }
+        let r = self.target.delete(&mut tx, &pick(&deletes)).await?;
+        applied.deleted += (deletes.len() - r.len()) as u64;
+        collect(&deletes, r);
+        for (i, reason) in rejected {
+            applied.rejected += 1;
+            tracing::warn!(sink = %self.sink, offset = items[i].offset, %reason, "target refused a record; dead-lettered");
+            self.dead.put(self.entry(&items[i], Reason::Rejected, reason, None))?;
+        }
+        for (i, target) in parked {
+            applied.parked += 1;
+            let why = format!("the target changed this record too (strategy {})", self.strategy.name());
+            self.review.put(self.entry(&items[i], Reason::Conflict, why, target))?;
+        }
+        tx.commit().await.map_err(|e| query_error("commit", e))?;
+        Ok(applied)
+    }
+
+    /// The source side of newest_wins per item: the declared field, or a delete's commit time.
+    fn newest_values(&self, items: &[Item]) -> Option<Vec<Option<String>>> {
+        let Strategy::NewestWins { source, .. } = &self.strategy else { return None };
+        Some(
+            items
+                .iter()
+                .map(|item| match item.write {
+                    Write::Delete => Some(timestamptz_text(item.event.commit_ts_us)),
+                    Write::Upsert(_) => {
+                        let ctx = crate::mapping::context::EventView::value(
+                            item.event.clone(),
+                            Arc::new(crate::mapping::context::SchemaIndex::new(item.schema.clone())),
+                        );
+                        source.expr.eval(&ctx).ok().and_then(|v| super::target::cell_text(&v, false))
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn row(&self, item: &Item, key: Vec<Option<String>>) -> Row {
+        let fields = match &item.write {
+            Write::Upsert(f) => self.target.texts(&[], f).1,
+            Write::Delete => Vec::new(),
+        };
+        Row { key, fields, version: Some(item.event.position.to_string()) }
+    }
+
+    /// A record set aside, with its mapped form when it has one.
+    pub fn entry(&self, item: &Item, reason: Reason, error: String, target: Option<serde_json::Value>) -> Entry {
+        let mapped = match &item.write {
+            Write::Upsert(fields) => Some(serde_json::Value::Object(
+                self.field_names
+                    .iter()
+                    .zip(fields)
+                    .map(|(n, v)| (n.clone(), serde_json::to_value(v).unwrap_or(serde_json::Value::Null)))
+                    .collect(),
+            )),
+            Write::Delete => None,
+        };
+        let now = now_text();
+        Entry {
+            id: item.offset,
+            sink: self.sink.clone(),
+            reason,
+            error,
+            attempts: 1,
+            first_failed_at: now.clone(),
+            last_failed_at: now,
+            change: (*item.event).clone(),
+            schema: (*item.schema).clone(),
+            mapped,
+            target,
+        }
+    }
+}
