@@ -25,6 +25,16 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         until_idle: Option<Duration>,
     },
+    /// Records set aside by a sink: list, show, replay through the current mapping, drop.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+    /// Conflicts parked for review by `conflict: { strategy: manual }`.
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictCommand,
+    },
     /// Show position, slot lag, events/s and sink progress.
     Status {
         file: PathBuf,
@@ -32,4 +42,71 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which sink's queue; may be left out when the pipeline has one mapped sink.
+#[derive(Debug, clap::Args)]
+pub struct QueueArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// The sink whose queue to use.
+    #[arg(long)]
+    pub sink: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per record: id, reason, attempts, table, operation, key, error.
+    List(QueueArgs),
+    /// One record in full: the change, the mapped record, the error.
+    Show {
+        #[command(flatten)]
+        queue: QueueArgs,
+        id: u64,
+    },
+    /// Maps the records again with the pipeline file as it is now and writes them.
+    Replay {
+        #[command(flatten)]
+        queue: QueueArgs,
+        /// Record ids (see `list`).
+        ids: Vec<u64>,
+        /// Every record in the queue.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Deletes records from the queue without writing them.
+    Drop {
+        #[command(flatten)]
+        queue: QueueArgs,
+        ids: Vec<u64>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConflictCommand {
+    /// One line per parked conflict.
+    List(QueueArgs),
+    /// One conflict in full: the source's change and mapped record, and the target's record.
+    Show {
+        #[command(flatten)]
+        queue: QueueArgs,
+        id: u64,
+    },
+    /// Applies a decision: the source's record, the target's, or the merge by field owners.
+    Resolve {
+        #[command(flatten)]
+        queue: QueueArgs,
+        id: u64,
+        #[arg(long, value_enum)]
+        take: TakeSide,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TakeSide {
+    Source,
+    Target,
+    Merged,
 }

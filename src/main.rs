@@ -1,6 +1,7 @@
 //! The `sluice` binary: the only place errors become exit codes and messages.
 
 mod cli;
+mod queues;
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,6 +26,8 @@ fn main() -> ExitCode {
         Command::Validate { file } => validate(&file),
         Command::Run { file, until_idle } => run(&file, RunOptions { until_idle }),
         Command::Status { file, json } => status(&file, json),
+        Command::Dlq { action } => queues::dlq(action),
+        Command::Conflicts { action } => queues::conflicts(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,7 +51,7 @@ fn init_tracing(format: &str) {
     }
 }
 
-fn load(file: &std::path::Path) -> anyhow::Result<Pipeline> {
+pub(crate) fn load(file: &std::path::Path) -> anyhow::Result<Pipeline> {
     Ok(config::load(file)?)
 }
 
@@ -89,7 +92,7 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 

@@ -6,6 +6,7 @@
 //! its own, so it never overtakes or is overtaken by the rows around it. The durable cursor
 //! moves to a batch's last offset only after its transaction commits.
 
+pub mod queue;
 pub mod target;
 pub mod writer;
 
@@ -120,27 +121,8 @@ impl PostgresSink {
     }
 
     async fn connect(&mut self) -> Result<()> {
-        let client = connect(&self.cfg.conn, &format!("sluice {} sink {}", self.pipeline, self.cfg.name)).await?;
-        if self.writer.is_none() {
-            let target = Target::introspect(
-                &client,
-                &self.cfg.table,
-                self.mapper.key_names(),
-                self.mapper.field_names(),
-                &self.cfg.version,
-                self.cfg.conflict.reads_target(),
-            )
-            .await?;
-            self.writer = Some(Writer {
-                sink: self.cfg.name.clone(),
-                target,
-                strategy: self.cfg.conflict.clone(),
-                field_names: self.mapper.field_names().to_vec(),
-                dead: self.dead.clone(),
-                review: self.review.clone(),
-            });
-        }
-        mark_origin(&client, &origin_name(&self.pipeline, &self.cfg.name)).await;
+        let (client, writer) = open(&self.cfg, &self.pipeline, &self.mapper, &self.dead, &self.review).await?;
+        self.writer.get_or_insert(writer);
         self.client = Some(client);
         Ok(())
     }
@@ -293,6 +275,36 @@ impl Sink for PostgresSink {
     fn written(&self) -> (u64, u64) {
         (0, self.totals.upserted + self.totals.deleted)
     }
+}
+
+/// Connects to the target, checks its table against the mapping, and tags the session's writes.
+pub async fn open(
+    cfg: &PostgresSinkConfig,
+    pipeline: &str,
+    mapper: &Mapper,
+    dead: &EntryStore,
+    review: &EntryStore,
+) -> Result<(Client, Writer)> {
+    let client = connect(&cfg.conn, &format!("sluice {pipeline} sink {}", cfg.name)).await?;
+    let target = Target::introspect(
+        &client,
+        &cfg.table,
+        mapper.key_names(),
+        mapper.field_names(),
+        &cfg.version,
+        cfg.conflict.reads_target(),
+    )
+    .await?;
+    let writer = Writer {
+        sink: cfg.name.clone(),
+        target,
+        strategy: cfg.conflict.clone(),
+        field_names: mapper.field_names().to_vec(),
+        dead: dead.clone(),
+        review: review.clone(),
+    };
+    mark_origin(&client, &origin_name(pipeline, &cfg.name)).await;
+    Ok((client, writer))
 }
 
 /// The replication origin a sink's writes carry (`sluice:<pipeline>:<sink>`).

@@ -273,6 +273,12 @@ impl Target {
         if let VersionGuard::Position { column } = &self.version {
             set.push(format!("{0} = EXCLUDED.{0}", quote_ident(column)));
         }
+        let mut lhs: Vec<String> = Vec::new();
+        let mut rhs: Vec<String> = Vec::new();
+        for (_, f) in self.value_fields().filter(|(_, f)| owned(f)) {
+            lhs.push(format!("t.{}", quote_ident(f)));
+            rhs.push(format!("EXCLUDED.{}", quote_ident(f)));
+        }
         if self.has_hash {
             let row: Vec<String> = written
                 .iter()
@@ -280,7 +286,10 @@ impl Target {
                     |c| if owned(c) { format!("EXCLUDED.{}", quote_ident(c)) } else { format!("t.{}", quote_ident(c)) },
                 )
                 .collect();
-            set.push(format!("{} = md5(ROW({})::text)", quote_ident(HASH_COLUMN), row.join(", ")));
+            let hash = format!("md5(ROW({})::text)", row.join(", "));
+            set.push(format!("{} = {hash}", quote_ident(HASH_COLUMN)));
+            lhs.push(format!("t.{}", quote_ident(HASH_COLUMN)));
+            rhs.push(hash);
         }
         let mut guard: Vec<String> = Vec::new();
         match &self.version {
@@ -294,15 +303,18 @@ impl Target {
         }
         // A write that changes nothing is skipped: no dead tuple, and no change for a two-way
         // mirror to echo back.
-        let compared: Vec<&String> = written.iter().copied().filter(|c| owned(c)).collect();
-        let lhs: Vec<String> = compared.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
-        let rhs: Vec<String> = compared.iter().map(|c| format!("EXCLUDED.{}", quote_ident(c))).collect();
-        guard.push(format!("ROW({}) IS DISTINCT FROM ROW({})", lhs.join(", "), rhs.join(", ")));
+        if !lhs.is_empty() {
+            guard.push(format!("ROW({}) IS DISTINCT FROM ROW({})", lhs.join(", "), rhs.join(", ")));
+        }
         let conflict_cols: Vec<String> = self.key.iter().map(|k| quote_ident(k)).collect();
         let action = if set.is_empty() {
             "DO NOTHING".to_string()
         } else {
-            format!("DO UPDATE SET {} WHERE {}", set.join(", "), guard.join(" AND "))
+            format!(
+                "DO UPDATE SET {} WHERE {}",
+                set.join(", "),
+                if guard.is_empty() { "true".into() } else { guard.join(" AND ") }
+            )
         };
         format!(
             "INSERT INTO {} AS t ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {action}",

@@ -149,14 +149,13 @@ fn strategy(
         }
     };
     let strategy = match raw.strategy.value.trim() {
-        "source_wins" | "target_wins" | "manual" => {
+        "source_wins" | "target_wins" => {
             extra("source_field", raw.source_field.is_some())?;
             extra("target_field", raw.target_field.is_some())?;
             extra("owners", raw.owners.is_some())?;
             match raw.strategy.value.trim() {
                 "source_wins" => Strategy::SourceWins,
-                "target_wins" => Strategy::TargetWins,
-                _ => Strategy::Manual,
+                _ => Strategy::TargetWins,
             }
         }
         "newest_wins" => {
@@ -177,7 +176,7 @@ fn strategy(
                 target_field: target.value.trim().to_string(),
             }
         }
-        "merge" => {
+        "merge" | "manual" => {
             extra("source_field", raw.source_field.is_some())?;
             extra("target_field", raw.target_field.is_some())?;
             let mut target_owned = Vec::new();
@@ -203,7 +202,11 @@ fn strategy(
                     }
                 }
             }
-            Strategy::Merge { target_owned }
+            if raw.strategy.value.trim() == "merge" {
+                Strategy::Merge { target_owned }
+            } else {
+                Strategy::Manual { target_owned }
+            }
         }
         other => {
             return Err(cx.err(

@@ -19,8 +19,9 @@ pub enum Strategy {
     NewestWins { source: Located, target_field: String },
     /// Each field belongs to one side: on a conflict only source-owned fields are written.
     Merge { target_owned: Vec<String> },
-    /// The conflict waits in the review queue for `sluice conflicts resolve`.
-    Manual,
+    /// The conflict waits in the review queue for `sluice conflicts resolve`; `target_owned`
+    /// shapes the `merged` resolution.
+    Manual { target_owned: Vec<String> },
 }
 
 impl Strategy {
@@ -29,13 +30,27 @@ impl Strategy {
         !matches!(self, Strategy::SourceWins)
     }
 
+    /// The decision `sluice conflicts resolve --take merged` applies: source-owned fields
+    /// written, target-owned kept; a source delete goes through.
+    pub fn merged(&self, is_delete: bool, fields: &[String]) -> Decision {
+        let owned = match self {
+            Strategy::Merge { target_owned } | Strategy::Manual { target_owned } => target_owned.as_slice(),
+            _ => &[],
+        };
+        if is_delete {
+            Decision::Write
+        } else {
+            Decision::WriteOwned(fields.iter().map(|f| !owned.contains(f)).collect())
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Strategy::SourceWins => "source_wins",
             Strategy::TargetWins => "target_wins",
             Strategy::NewestWins { .. } => "newest_wins",
             Strategy::Merge { .. } => "merge",
-            Strategy::Manual => "manual",
+            Strategy::Manual { .. } => "manual",
         }
     }
 }
@@ -73,10 +88,8 @@ pub fn decide(strategy: &Strategy, target: Option<&TargetState>, is_delete: bool
         Strategy::NewestWins { .. } => Decision::Write,
         // The source owns the record's existence: its delete removes it.
         Strategy::Merge { .. } if is_delete => Decision::Write,
-        Strategy::Merge { target_owned } => {
-            Decision::WriteOwned(fields.iter().map(|f| !target_owned.contains(f)).collect())
-        }
-        Strategy::Manual => Decision::Park,
+        Strategy::Merge { .. } => strategy.merged(false, fields),
+        Strategy::Manual { .. } => Decision::Park,
     }
 }
 
@@ -98,7 +111,9 @@ mod tests {
             column: 1,
         };
         let newest = Strategy::NewestWins { source: loc, target_field: "ts".into() };
-        for s in [&Strategy::SourceWins, &Strategy::TargetWins, &newest, &merge, &Strategy::Manual] {
+        for s in
+            [&Strategy::SourceWins, &Strategy::TargetWins, &newest, &merge, &Strategy::Manual { target_owned: vec![] }]
+        {
             assert_eq!(decide(s, None, false, &fields), Decision::Write, "{}: no target record", s.name());
             assert_eq!(decide(s, Some(&clean), false, &fields), Decision::Write, "{}: unchanged target", s.name());
         }
@@ -108,6 +123,6 @@ mod tests {
         assert_eq!(decide(&newest, Some(&newer), false, &fields), Decision::Keep);
         assert_eq!(decide(&merge, Some(&changed), false, &fields), Decision::WriteOwned(vec![true, false]));
         assert_eq!(decide(&merge, Some(&changed), true, &fields), Decision::Write);
-        assert_eq!(decide(&Strategy::Manual, Some(&changed), false, &fields), Decision::Park);
+        assert_eq!(decide(&Strategy::Manual { target_owned: vec![] }, Some(&changed), false, &fields), Decision::Park);
     }
 }

@@ -37,7 +37,8 @@ pub struct MappingConfig {
     pub table: TableId,
     /// Target key columns and their expressions; `None` uses the source primary key by name.
     pub key: Option<Vec<(String, Located)>>,
-    /// Records for which this is false (or none) are skipped.
+    /// Rows for which this is false (or none) are not written; an update that makes it false
+    /// deletes the target record.
     pub when: Option<Located>,
     /// Target fields in order; `None` copies every source column under its own name.
     pub fields: Option<Vec<(String, Located)>>,
@@ -130,6 +131,10 @@ impl Mapper {
                 .collect::<Result<_>>()?,
             None => schema.columns.iter().filter(|c| c.key).filter_map(|c| by_name(&c.name)).collect(),
         };
+        // Copying every column skips sluice's own bookkeeping columns (`_sluice_version`,
+        // `_sluice_hash`): in a two-way mirror the source table is also a target.
+        let copied: Vec<usize> =
+            (0..schema.columns.len()).filter(|&i| !schema.columns[i].name.starts_with("_sluice_")).collect();
         let key_names: Vec<String> = match &self.config.key {
             Some(k) => k.iter().map(|(n, _)| n.clone()).collect(),
             None => schema.columns.iter().filter(|c| c.key).map(|c| c.name.clone()).collect(),
@@ -139,11 +144,11 @@ impl Mapper {
                 .iter()
                 .map(|(_, e)| self.checked(&index, e).map(|_| Source::Expr(e.clone())))
                 .collect::<Result<_>>()?,
-            None => (0..schema.columns.len()).map(Source::Column).collect(),
+            None => copied.iter().map(|&i| Source::Column(i)).collect(),
         };
         let field_names: Vec<String> = match &self.config.fields {
             Some(f) => f.iter().map(|(n, _)| n.clone()).collect(),
-            None => schema.columns.iter().map(|c| c.name.clone()).collect(),
+            None => copied.iter().map(|&i| schema.columns[i].name.clone()).collect(),
         };
         if let Some(w) = &self.config.when {
             self.checked(&index, w)?;
@@ -219,7 +224,12 @@ impl Mapper {
         if let Some(w) = &self.config.when {
             let keep = w.expr.eval(&ctx).map_err(|e| MapError(format!("when `{}`: {e}", w.expr.source)))?;
             if !keep.is_true() {
-                return Ok(Mapped::Skip(Skip::Filtered));
+                // A row that stops matching leaves the target; one that never matched was
+                // never written, so it needs no delete.
+                return Ok(match event.op {
+                    Op::Update => Mapped::Delete { key },
+                    _ => Mapped::Skip(Skip::Filtered),
+                });
             }
         }
         let fields = plan.fields.iter().map(|s| self.value(s, event, &ctx, false)).collect::<Result<Vec<_>, _>>()?;
@@ -304,7 +314,9 @@ mod tests {
             m.map(&event(Op::Insert, 1, "A@X.io", "live")).unwrap(),
             Mapped::Upsert { key: vec![Value::from(1)], fields: vec![Value::from("a@x.io")] }
         );
-        assert_eq!(m.map(&event(Op::Update, 2, "b", "test")).unwrap(), Mapped::Skip(Skip::Filtered));
+        assert_eq!(m.map(&event(Op::Insert, 2, "b", "test")).unwrap(), Mapped::Skip(Skip::Filtered));
+        // An update that stops matching removes the record it may have written before.
+        assert_eq!(m.map(&event(Op::Update, 2, "b", "test")).unwrap(), Mapped::Delete { key: vec![Value::from(2)] });
         // A delete carries only its key; `after.id` in the key reads the removed row.
         assert_eq!(m.map(&event(Op::Delete, 3, "", "")).unwrap(), Mapped::Delete { key: vec![Value::from(3)] });
         assert_eq!(m.field_names(), ["email"]);

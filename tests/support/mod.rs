@@ -105,6 +105,34 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Writes a pipeline file capturing `tables` into the given `sinks:` list (YAML items).
+    pub fn pipeline_with_sinks(&self, tables: &[&str], sinks: &str) -> PathBuf {
+        let yaml = format!(
+            "name: {name}\nsource:\n  type: postgres\n  url: {url}\n  tables: [{tables}]\n  heartbeat: 200ms\n  snapshot_chunk_rows: 500\n\
+             transport:\n  type: embedded\n  path: {data}\nsinks:\n{sinks}",
+            name = self.pipeline(),
+            url = self.url(),
+            tables = tables.join(", "),
+            data = self.data_dir().display(),
+        );
+        let path = self.dir.path().join("pipeline.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    /// Rows of `sql` as text, in the query's order.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let mut out = Vec::new();
+        for m in self.client.simple_query(sql).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+                out.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+            }
+        }
+        out
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();

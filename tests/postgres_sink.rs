@@ -1,0 +1,303 @@
+//! PostgreSQL to sluice to PostgreSQL: mapping, coalescing, conflicts, dead letters, echoes,
+//! all against real servers (a source database and a target database per test).
+
+mod support;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::time::Duration;
+use support::{run_until_idle, seed, sluice, Running, TestDb};
+
+/// The sink block of a mapped mirror of `customers` into `contacts`.
+fn crm_sink(target: &TestDb, extra: &str) -> String {
+    format!(
+        "  - name: crm\n    type: postgres\n    url: {url}\n    table: public.contacts\n\
+         \x20   key: {{ source: \"{{{{ after.id }}}}\", target: sluice_id }}\n\
+         \x20   when: \"{{{{ after.status != 'test' }}}}\"\n\
+         \x20   fields:\n\
+         \x20     email: \"{{{{ after.email | lower }}}}\"\n\
+         \x20     firstname: \"{{{{ after.first_name }}}}\"\n\
+         \x20     lifetime_value: \"{{{{ after.ltv }}}}\"\n\
+         \x20     status: \"{{{{ after.status }}}}\"\n{extra}",
+        url = target.url()
+    )
+}
+
+const CUSTOMERS: &str = "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, \
+                         status text NOT NULL, ltv numeric(12,2), code text)";
+const CONTACTS: &str = "CREATE TABLE contacts (sluice_id bigint PRIMARY KEY, email text, firstname text, \
+                        lifetime_value numeric(14,2), status text, code text, _sluice_version text)";
+
+/// The source as the mapping should make it.
+const EXPECTED: &str = "SELECT id::bigint, lower(email), first_name, ltv::numeric(14,2), status \
+                        FROM customers WHERE status <> 'test' ORDER BY id";
+const ACTUAL: &str = "SELECT sluice_id, email, firstname, lifetime_value, status FROM contacts ORDER BY sluice_id";
+
+fn sluice_ok(args: &[&str], cwd: &Path) -> String {
+    let out = sluice(args, cwd);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "sluice {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[tokio::test]
+async fn random_workload_with_kills_mirrors_exactly() {
+    let src = TestDb::new("pgs_rand").await;
+    let dst = TestDb::new("pgs_rand_dst").await;
+    dst.client.batch_execute(CONTACTS).await.unwrap();
+    src.client.batch_execute(CUSTOMERS).await.unwrap();
+    src.client
+        .batch_execute(
+            "INSERT INTO customers SELECT g, 'User' || g || '@Example.COM', 'n' || g, \
+             CASE WHEN g % 10 = 0 THEN 'test' ELSE 'live' END, g * 1.25, NULL FROM generate_series(1, 3000) g",
+        )
+        .await
+        .unwrap();
+    let file = src.pipeline_with_sinks(
+        &["public.customers"],
+        &crm_sink(&dst, "    batch: { max_records: 200, max_age: 100ms }\n"),
+    );
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut next_id = 3001;
+    for round in 0..3 {
+        let running = Running::start(&file);
+        src.await_streaming(&running).await;
+        for _ in 0..20 {
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..rng.random_range(1..30) {
+                let id = rng.random_range(1..next_id);
+                sql += &match rng.random_range(0..10) {
+                    0..=2 => {
+                        next_id += 1;
+                        format!("INSERT INTO customers VALUES ({next_id}, 'New{next_id}@X.io', 'f', 'live', 1.5, NULL);")
+                    }
+                    3..=5 => format!("UPDATE customers SET email = 'U{}@Y.io', ltv = ltv + 1 WHERE id = {id};", rng.random::<u16>()),
+                    6 => format!("UPDATE customers SET status = CASE status WHEN 'test' THEN 'live' ELSE 'test' END WHERE id = {id};"),
+                    7 => format!("DELETE FROM customers WHERE id = {id};"),
+                    // A key change: the old key's record must go, the new one appear.
+                    8 => {
+                        next_id += 1;
+                        format!("UPDATE customers SET id = {next_id} WHERE id = {id};")
+                    }
+                    // Many changes to one key in one batch: coalesced to the last.
+                    _ => format!(
+                        "INSERT INTO customers VALUES ({n}, 'c@c', 'c', 'live', 1, NULL); UPDATE customers SET ltv = 2 WHERE id = {n}; \
+                         UPDATE customers SET ltv = 3 WHERE id = {n}; DELETE FROM customers WHERE id = {n};",
+                        n = { next_id += 1; next_id }
+                    ),
+                };
+            }
+            sql += "COMMIT;";
+            src.client.batch_execute(&sql).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..600))).await;
+        eprintln!("round {round}: kill -9");
+        running.kill9();
+    }
+    run_until_idle(&file);
+    let expected = src.rows(EXPECTED).await;
+    let actual = dst.rows(ACTUAL).await;
+    assert!(expected.len() > 2000, "the workload keeps most rows ({})", expected.len());
+    assert_eq!(actual.len(), expected.len(), "row count");
+    assert_eq!(actual, expected);
+}
+
+#[tokio::test]
+async fn poison_records_go_to_the_dlq_and_replay_after_the_fix() {
+    let src = TestDb::new("pgs_dlq").await;
+    let dst = TestDb::new("pgs_dlq_dst").await;
+    // lifetime_value numeric(8,2) cannot hold 12345678.90: the target refuses that record.
+    dst.client.batch_execute(&CONTACTS.replace("numeric(14,2)", "numeric(8,2)")).await.unwrap();
+    src.client.batch_execute(CUSTOMERS).await.unwrap();
+    src.client
+        .batch_execute(
+            "INSERT INTO customers SELECT g, 'u' || g || '@x', 'n', 'live', g, g::text FROM generate_series(1, 200) g;
+             UPDATE customers SET ltv = 12345678.90 WHERE id = 77;
+             UPDATE customers SET code = 'abc' WHERE id = 88;",
+        )
+        .await
+        .unwrap();
+    // `code | decimal` fails to map for 'abc'.
+    let sink = |code: &str| crm_sink(&dst, &format!("      code: \"{code}\"\n"));
+    let file = src.pipeline_with_sinks(&["public.customers"], &sink("{{ after.code | decimal }}"));
+    run_until_idle(&file);
+    let ids: Vec<Option<String>> =
+        dst.rows("SELECT sluice_id FROM contacts ORDER BY 1").await.into_iter().map(|r| r[0].clone()).collect();
+    assert_eq!(ids.len(), 198, "everything but the two poison records");
+    assert!(!ids.contains(&Some("77".into())) && !ids.contains(&Some("88".into())));
+    let listed = sluice_ok(&["dlq", "list", file.to_str().unwrap()], file.parent().unwrap());
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        listed.contains("Rejected") && listed.contains("numeric field overflow") && listed.contains("key=[77]"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("Mapping") && listed.contains("`abc` is not a decimal") && listed.contains("key=[88]"),
+        "{listed}"
+    );
+    let id77: &str = lines.iter().find(|l| l.contains("key=[77]")).unwrap().split('\t').next().unwrap();
+    let shown = sluice_ok(&["dlq", "show", file.to_str().unwrap(), id77], file.parent().unwrap());
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["change"]["after"]["ltv"], "12345678.90");
+    assert_eq!(shown["mapped"]["lifetime_value"], "12345678.90");
+    assert_eq!(shown["attempts"], 1);
+
+    // The pipeline keeps running: a later change to 77 fits and is written.
+    src.client.batch_execute("UPDATE customers SET ltv = 5 WHERE id = 77").await.unwrap();
+    run_until_idle(&file);
+    assert_eq!(
+        dst.rows("SELECT lifetime_value FROM contacts WHERE sluice_id = 77").await,
+        vec![vec![Some("5.00".into())]]
+    );
+
+    // Fix the mapping and widen the target, then replay: 88 is written through the new mapping;
+    // 77's old change is older than what the target holds, so the guard keeps 5.00.
+    dst.client.batch_execute("ALTER TABLE contacts ALTER lifetime_value TYPE numeric(14,2)").await.unwrap();
+    let file = src.pipeline_with_sinks(&["public.customers"], &sink("{{ after.code }}"));
+    let out = sluice_ok(&["dlq", "replay", file.to_str().unwrap(), "--all"], file.parent().unwrap());
+    assert_eq!(out.lines().filter(|l| l.ends_with(": replayed")).count(), 2, "{out}");
+    let empty = sluice_ok(&["dlq", "list", file.to_str().unwrap()], file.parent().unwrap());
+    assert!(empty.starts_with("empty"), "{empty}");
+    assert_eq!(
+        dst.rows("SELECT lifetime_value FROM contacts WHERE sluice_id = 77").await,
+        vec![vec![Some("5.00".into())]]
+    );
+    assert_eq!(dst.rows("SELECT code FROM contacts WHERE sluice_id = 88").await, vec![vec![Some("abc".into())]]);
+    assert_eq!(dst.rows("SELECT count(*) FROM contacts").await, vec![vec![Some("200".into())]]);
+}
+
+const PEOPLE_SRC: &str = "CREATE TABLE people (id int PRIMARY KEY, email text, phone text, updated_at timestamptz)";
+const PEOPLE_DST: &str = "CREATE TABLE people (id int PRIMARY KEY, email text, phone text, updated_at timestamptz, \
+                          _sluice_version text, _sluice_hash text)";
+const PEOPLE: &str = "SELECT id, email, phone, updated_at FROM people ORDER BY id";
+
+fn row(id: &str, email: &str, phone: &str, ts: &str) -> Vec<Option<String>> {
+    vec![Some(id.into()), Some(email.into()), Some(phone.into()), Some(ts.into())]
+}
+
+/// Syncs two rows, edits one on the target (as a CRM user would), updates both at the source,
+/// syncs again, and returns the pipeline file and the target for the strategy's checks.
+async fn conflict_round(strategy: &str) -> (TestDb, TestDb, std::path::PathBuf) {
+    let src = TestDb::new(&format!("cf_{strategy}")).await;
+    let dst = TestDb::new(&format!("cf_{strategy}_dst")).await;
+    src.client.batch_execute(PEOPLE_SRC).await.unwrap();
+    dst.client.batch_execute(PEOPLE_DST).await.unwrap();
+    src.client
+        .batch_execute("INSERT INTO people VALUES (1, 'a@s', 's1', '2026-01-01 00:00+00'), (2, 'b@s', 's2', '2026-01-01 00:00+00')")
+        .await
+        .unwrap();
+    let conflict = match strategy {
+        "newest_wins" => "{ strategy: newest_wins, source_field: after.updated_at, target_field: updated_at }",
+        "merge" => "{ strategy: merge, owners: { phone: target, email: source } }",
+        other => &format!("{{ strategy: {other} }}"),
+    };
+    let sink = format!(
+        "  - name: mirror\n    type: postgres\n    url: {}\n    table: public.people\n    conflict: {conflict}\n",
+        dst.url()
+    );
+    let file = src.pipeline_with_sinks(&["public.people"], &sink);
+    run_until_idle(&file);
+    assert_eq!(dst.rows(PEOPLE).await[0], row("1", "a@s", "s1", "2026-01-01 00:00:00+00"));
+    dst.client
+        .batch_execute("UPDATE people SET email = 'a@t', phone = 't1', updated_at = '2026-06-01 00:00+00' WHERE id = 1")
+        .await
+        .unwrap();
+    src.client
+        .batch_execute(
+            "UPDATE people SET email = 'a@s2', phone = 's1b', updated_at = '2026-03-01 00:00+00' WHERE id = 1;
+             UPDATE people SET email = 'b@s2' WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    run_until_idle(&file);
+    // Row 2 was not edited on the target: every strategy writes it.
+    assert_eq!(dst.rows(PEOPLE).await[1], row("2", "b@s2", "s2", "2026-01-01 00:00:00+00"), "{strategy}");
+    (src, dst, file)
+}
+
+#[tokio::test]
+async fn each_conflict_strategy_against_target_edits() {
+    let source_row = row("1", "a@s2", "s1b", "2026-03-01 00:00:00+00");
+    let target_row = row("1", "a@t", "t1", "2026-06-01 00:00:00+00");
+
+    let (_s, dst, _) = conflict_round("source_wins").await;
+    assert_eq!(dst.rows(PEOPLE).await[0], source_row, "source_wins");
+
+    let (_s, dst, _) = conflict_round("target_wins").await;
+    assert_eq!(dst.rows(PEOPLE).await[0], target_row, "target_wins");
+
+    let (src, dst, file) = conflict_round("newest_wins").await;
+    assert_eq!(dst.rows(PEOPLE).await[0], target_row, "newest_wins: the target's edit is newer");
+    src.client
+        .batch_execute("UPDATE people SET email = 'a@s3', updated_at = '2026-09-01 00:00+00' WHERE id = 1")
+        .await
+        .unwrap();
+    run_until_idle(&file);
+    assert_eq!(
+        dst.rows(PEOPLE).await[0],
+        row("1", "a@s3", "s1b", "2026-09-01 00:00:00+00"),
+        "newest_wins: now the source's"
+    );
+
+    let (_s, dst, _) = conflict_round("merge").await;
+    assert_eq!(
+        dst.rows(PEOPLE).await[0],
+        row("1", "a@s2", "t1", "2026-03-01 00:00:00+00"),
+        "merge: phone is the target's"
+    );
+
+    let (_s, dst, file) = conflict_round("manual").await;
+    assert_eq!(dst.rows(PEOPLE).await[0], target_row, "manual: parked, the target untouched");
+    let cwd = file.parent().unwrap();
+    let listed = sluice_ok(&["conflicts", "list", file.to_str().unwrap()], cwd);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let id = listed.split('\t').next().unwrap().to_string();
+    let shown: serde_json::Value =
+        serde_json::from_str(&sluice_ok(&["conflicts", "show", file.to_str().unwrap(), &id], cwd)).unwrap();
+    assert_eq!(shown["target"]["email"], "a@t");
+    assert_eq!(shown["mapped"]["email"], "a@s2");
+    sluice_ok(&["conflicts", "resolve", file.to_str().unwrap(), &id, "--take", "source"], cwd);
+    assert_eq!(dst.rows(PEOPLE).await[0], source_row, "manual: resolved with the source's record");
+    assert!(sluice_ok(&["conflicts", "list", file.to_str().unwrap()], cwd).starts_with("empty"));
+}
+
+/// A status file's rows written by its one sink.
+fn rows_written(db: &TestDb) -> u64 {
+    let raw = std::fs::read(db.data_dir().join("status.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    v["sinks"][0]["rows_written"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_two_way_mirror_drops_its_own_echoes() {
+    let a = TestDb::new("echo_a").await;
+    let b = TestDb::new("echo_b").await;
+    let table = "CREATE TABLE people (id int PRIMARY KEY, email text, _sluice_version text)";
+    a.client.batch_execute(table).await.unwrap();
+    b.client.batch_execute(table).await.unwrap();
+    let sink = |to: &TestDb| {
+        format!("  - name: mirror\n    type: postgres\n    url: {}\n    table: public.people\n", to.url())
+    };
+    let a_to_b = a.pipeline_with_sinks(&["public.people"], &sink(&b));
+    let b_to_a = b.pipeline_with_sinks(&["public.people"], &sink(&a));
+    run_until_idle(&a_to_b);
+    run_until_idle(&b_to_a);
+
+    a.client.batch_execute("INSERT INTO people (id, email) VALUES (1, 'from-a')").await.unwrap();
+    run_until_idle(&a_to_b);
+    assert_eq!(b.rows("SELECT id, email FROM people").await, vec![vec![Some("1".into()), Some("from-a".into())]]);
+    assert_eq!(rows_written(&a), 1);
+    // B's change is sluice's write: B to A drops it rather than writing it back.
+    run_until_idle(&b_to_a);
+    assert_eq!(rows_written(&b), 0, "the echo was not written back");
+
+    b.client.batch_execute("UPDATE people SET email = 'from-b' WHERE id = 1").await.unwrap();
+    run_until_idle(&b_to_a);
+    assert_eq!(a.rows("SELECT id, email FROM people").await, vec![vec![Some("1".into()), Some("from-b".into())]]);
+    assert_eq!(rows_written(&b), 1);
+    run_until_idle(&a_to_b);
+    assert_eq!(rows_written(&a), 0, "after restart, the echo of B's write was dropped");
+    assert_eq!(b.rows("SELECT id, email FROM people").await, vec![vec![Some("1".into()), Some("from-b".into())]]);
+}
