@@ -174,3 +174,125 @@ fn every_shipped_pipeline_file_validates() {
     }
     assert!(checked >= 2, "expected the quickstart and the example pipeline");
 }
+
+const MAPPED: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: crm\n    type: postgres\n    url: postgres://cdc@127.0.0.1/other\n    table: public.contacts\n    fields:\n      email: \"{{ after.email | lower }}\"\n";
+
+#[test]
+fn a_mapped_sink_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["validate", write(dir.path(), MAPPED).to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "sink crm: postgres cdc@127.0.0.1:5432/other table public.contacts from public.t, conflict source_wins"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_bad_expression_points_at_the_character() {
+    let dir = tempfile::tempdir().unwrap();
+    // Line 12: `      email: "{{ after.email | }}"`; the value's quote is at column 14.
+    let path = write(dir.path(), &MAPPED.replace("{{ after.email | lower }}", "{{ after.email | }}"));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{}:12:", path.display())), "{err}");
+    assert!(err.contains("fields.email: syntax error"), "{err}");
+    assert!(err.contains("fix: write an expression like"), "{err}");
+    let col: u64 =
+        err.split(&format!("{}:12:", path.display())).nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    assert!((29..=33).contains(&col), "column {col} should point at the missing filter name: {err}");
+}
+
+#[test]
+fn mapped_sink_mistakes_are_named_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            MAPPED.replace(
+                "{{ after.email | lower }}",
+                "{{ after.ssn | hmac_sha256(secret('SLUICE_TEST_NO_SUCH_KEY')) }}",
+            ),
+            "secret('SLUICE_TEST_NO_SUCH_KEY') names an environment variable that is not set",
+            "export SLUICE_TEST_NO_SUCH_KEY",
+        ),
+        (
+            format!("{MAPPED}    conflict: {{ strategy: newest }}\n"),
+            "conflict strategy `newest` is not known",
+            "use source_wins, target_wins, newest_wins, merge or manual",
+        ),
+        (
+            format!("{MAPPED}    conflict: {{ strategy: newest_wins }}\n"),
+            "newest_wins needs conflict.source_field and conflict.target_field",
+            "source_field: after.updated_at",
+        ),
+        (
+            format!("{MAPPED}    conflict: {{ strategy: merge, owners: {{ phone: target }} }}\n"),
+            "conflict.owners names `phone`, which is not a mapped field",
+            "list only fields",
+        ),
+        (
+            format!("{MAPPED}    roll: {{ max_rows: 5 }}\n"),
+            "`s3` and `roll` apply to parquet sinks only",
+            "remove them",
+        ),
+        (
+            MAPPED.replace("    table: public.contacts\n", ""),
+            "a postgres sink needs `table:`",
+            "table: public.customers",
+        ),
+        (
+            format!("{MAPPED}    from: public.nope\n"),
+            "from `public.nope` is not a source table",
+            "use one of the source's tables: public.t",
+        ),
+        (format!("{MAPPED}    version: sometimes\n"), "version `sometimes` is not a guard", "field:<mapped field>"),
+        (format!("{MAPPED}    batch: {{ max_records: 0 }}\n"), "batch.max_records: must be at least 1", "500"),
+        (
+            GOOD.replace("url: file:///tmp/lake/\n", "url: file:///tmp/lake/\n    when: \"{{ true }}\"\n"),
+            "`when` does not apply to parquet sinks",
+            "remove `when`",
+        ),
+    ];
+    for (yaml, message, fix) in cases {
+        let (code, err) = validate(&write(dir.path(), &yaml));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(message), "expected `{message}` in:\n{err}");
+        assert!(err.contains(fix), "expected fix `{fix}` in:\n{err}");
+        assert!(err.contains("bad.yaml:"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_mapping_naming_a_missing_column_stops_the_run() {
+    let db = TestDb::new("cfg_map_col").await;
+    db.client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, email text); INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("CREATE TABLE contacts (id int PRIMARY KEY, email text, _sluice_version text)")
+        .await
+        .unwrap();
+    let sink = format!(
+        "  - name: crm\n    type: postgres\n    url: {}\n    table: public.contacts\n    fields:\n      email: \"{{{{ after.emial }}}}\"\n",
+        db.url()
+    );
+    let file = db.pipeline_with_sinks(&["public.t"], &sink);
+    let err = run_refused(&file);
+    assert!(err.contains("pipeline.yaml:17:15"), "{err}");
+    assert!(err.contains("`after.emial` names no column of public.t (its columns: email, id)"), "{err}");
+
+    let sink = format!("  - name: crm\n    type: postgres\n    url: {}\n    table: public.contacts\n    conflict: {{ strategy: manual }}\n", db.url());
+    let file = db.pipeline_with_sinks(&["public.t"], &sink);
+    let err = run_refused(&file);
+    assert!(
+        err.contains(
+            "sink crm: target table public.contacts needs a text column `_sluice_hash` for conflict detection"
+        ),
+        "{err}"
+    );
+    assert!(err.contains(r#"ALTER TABLE "public"."contacts" ADD COLUMN "_sluice_hash" text"#), "{err}");
+}

@@ -93,10 +93,16 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                 pipeline.name
             )));
         }
-        let sink: Box<dyn Sink> = match cfg.clone() {
-            SinkConfig::Parquet(p) => Box::new(ParquetSink::build(p, log.clone(), cursor, state).await?),
-            SinkConfig::Postgres(p) => Box::new(PostgresSink::build(p, &pipeline.name, log.clone(), cursor).await?),
+        let built: Result<Box<dyn Sink>> = match cfg.clone() {
+            SinkConfig::Parquet(p) => ParquetSink::build(p, log.clone(), cursor, state).await.map(|s| Box::new(s) as _),
+            SinkConfig::Postgres(p) => {
+                PostgresSink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
+            }
         };
+        let sink = built.map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("sink {name}: {m}")),
+            other => other,
+        })?;
         let status = Arc::new(Mutex::new(SinkStatus { name: name.clone(), ..Default::default() }));
         statuses.push(status.clone());
         let runner = SinkRunner {
