@@ -46,6 +46,36 @@ pub struct Entry {
     pub target: Option<serde_json::Value>,
 }
 
+impl Entry {
+    /// A record set aside now, for the first time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        sink: &str,
+        reason: Reason,
+        error: String,
+        change: &ChangeEvent,
+        schema: &TableSchema,
+        mapped: Option<serde_json::Value>,
+        target: Option<serde_json::Value>,
+    ) -> Self {
+        let now = now_text();
+        Self {
+            id,
+            sink: sink.to_string(),
+            reason,
+            error,
+            attempts: 1,
+            first_failed_at: now.clone(),
+            last_failed_at: now,
+            change: change.clone(),
+            schema: schema.clone(),
+            mapped,
+            target,
+        }
+    }
+}
+
 /// A directory of entries.
 #[derive(Debug, Clone)]
 pub struct EntryStore {

@@ -12,7 +12,7 @@ pub mod writer;
 
 use crate::config::PostgresSinkConfig;
 use crate::connectors::postgres::client::{connect, query_error};
-use crate::deadletter::{EntryStore, Reason};
+use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
 use crate::event::{Op, TableSchema};
 use crate::log::{EmbeddedLog, LogRecord};
@@ -24,16 +24,16 @@ use std::sync::Arc;
 use std::time::Instant;
 use target::Target;
 use tokio_postgres::Client;
-use writer::{Applied, Item, Writer};
+use writer::{Applied, Item, Record, Writer};
 
 type Key = Vec<Option<String>>;
 
 /// Changes accepted but not yet written, in log order.
 enum Segment {
     Batch {
-        coalescer: Coalescer<Key, Vec<minijinja::Value>, Item>,
+        coalescer: Coalescer<Key, Vec<minijinja::Value>, Record>,
         /// Records that failed mapping, dead-lettered when the batch is written.
-        failed: Vec<(Item, String)>,
+        failed: Vec<Entry>,
         /// The last offset the batch covers (including skipped records).
         last: u64,
         started: Instant,
@@ -174,17 +174,13 @@ impl PostgresSink {
                 self.durable = *offset;
             }
             Segment::Batch { coalescer, failed, last, .. } => {
-                for (item, error) in failed.iter() {
-                    writer.dead.put(writer.entry(item, Reason::Mapping, error.clone(), None))?;
+                for entry in failed.iter() {
+                    writer.dead.put(entry.clone())?;
                 }
                 // Kept whole until the transaction commits: a retry writes the same batch.
                 let items: Vec<Item> = coalescer
                     .pending()
-                    .map(|p: &Pending<Key, _, Item>| {
-                        let mut item = p.last.clone();
-                        item.write = p.write.clone();
-                        item
-                    })
+                    .map(|p: &Pending<Key, _, Record>| Item { record: p.last.clone(), write: p.write.clone() })
                     .collect();
                 let applied = writer.apply(client, &items, None).await?;
                 let t = &mut self.totals;
@@ -223,42 +219,36 @@ impl Sink for PostgresSink {
                 }
                 continue;
             };
-            let mapped = self.mapper.map(&r.event);
-            let item =
-                |key, write| Item { offset: r.offset, event: r.event.clone(), schema: schema.clone(), key, write };
-            let (key, change, item) = match mapped {
+            let (key, change) = match self.mapper.map(&r.event) {
                 Ok(Mapped::Truncate) => {
                     self.segments.push_back(Segment::Truncate { offset: r.offset });
                     continue;
                 }
-                Ok(Mapped::Skip(_)) => (None, None, None),
-                Ok(Mapped::Upsert { key, fields }) => {
-                    let change = if r.event.op == Op::Insert {
-                        Change::Insert(fields.clone())
-                    } else {
-                        Change::Upsert(fields.clone())
-                    };
-                    let text = self.writer.as_ref().expect("connected").target.texts(&key, &[]).0;
-                    (Some(text), Some(change), Some(item(key, crate::mapping::coalesce::Write::Upsert(fields))))
+                Ok(Mapped::Skip(_)) => {
+                    if let Segment::Batch { last, .. } = self.batch() {
+                        *last = r.offset;
+                    }
+                    continue;
                 }
-                Ok(Mapped::Delete { key }) => {
-                    let text = self.writer.as_ref().expect("connected").target.texts(&key, &[]).0;
-                    (Some(text), Some(Change::Delete), Some(item(key, crate::mapping::coalesce::Write::Delete)))
-                }
+                Ok(Mapped::Upsert { key, fields }) if r.event.op == Op::Insert => (key, Change::Insert(fields)),
+                Ok(Mapped::Upsert { key, fields }) => (key, Change::Upsert(fields)),
+                Ok(Mapped::Delete { key }) => (key, Change::Delete),
                 Err(err) => {
-                    let failed = item(Vec::new(), crate::mapping::coalesce::Write::Delete);
                     tracing::warn!(sink = %self.cfg.name, offset = r.offset, error = %err.0, "mapping failed; dead-lettered");
-                    if let Segment::Batch { failed: list, last, .. } = self.batch() {
-                        list.push((failed, err.0));
+                    let entry =
+                        Entry::new(r.offset, &self.cfg.name, Reason::Mapping, err.0, &r.event, &schema, None, None);
+                    if let Segment::Batch { failed, last, .. } = self.batch() {
+                        failed.push(entry);
                         *last = r.offset;
                     }
                     continue;
                 }
             };
+            let text =
+                self.writer.as_ref().expect("connected when the table's schema was seen").target.texts(&key, &[]).0;
+            let record = Record { offset: r.offset, event: r.event.clone(), schema, key };
             if let Segment::Batch { coalescer, last, .. } = self.batch() {
-                if let (Some(key), Some(change), Some(item)) = (key, change, item) {
-                    coalescer.push(key, change, r.offset, item);
-                }
+                coalescer.push(text, change, r.offset, record);
                 *last = r.offset;
             }
         }

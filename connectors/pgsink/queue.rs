@@ -3,7 +3,7 @@
 //! the same version guard, so a replayed old change never overwrites a newer one.
 
 use super::open;
-use super::writer::{Item, Writer};
+use super::writer::{Item, Record, Writer};
 use crate::config::PostgresSinkConfig;
 use crate::deadletter::{now_text, Entry, EntryStore};
 use crate::error::{Error, Result};
@@ -63,7 +63,10 @@ impl<'a> Session<'a> {
             self.open = Some(open(self.cfg, self.pipeline, &self.mapper, &self.dead, &self.review).await?);
         }
         let event = Arc::new(entry.change.clone());
-        let item = |key, write| Item { offset: entry.id, event: event.clone(), schema: schema.clone(), key, write };
+        let item = |key, write| Item {
+            record: Record { offset: entry.id, event: event.clone(), schema: schema.clone(), key },
+            write,
+        };
         Ok(match self.mapper.map(&event) {
             Ok(Mapped::Upsert { key, fields }) => Ok(Some(item(key, Write::Upsert(fields)))),
             Ok(Mapped::Delete { key }) => Ok(Some(item(key, Write::Delete))),

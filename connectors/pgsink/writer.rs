@@ -5,7 +5,7 @@
 
 use super::target::{Fields, Rejected, Row, State, Target};
 use crate::connectors::postgres::client::query_error;
-use crate::deadletter::{now_text, Entry, EntryStore, Reason};
+use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::Result;
 use crate::event::{ChangeEvent, TableSchema};
 use crate::mapping::coalesce::Write;
@@ -15,13 +15,19 @@ use minijinja::Value;
 use std::sync::Arc;
 use tokio_postgres::Client;
 
-/// One record's write, with where it came from.
+/// Where a write comes from: the change (by log offset) and its mapped key.
 #[derive(Debug, Clone)]
-pub struct Item {
+pub struct Record {
     pub offset: u64,
     pub event: Arc<ChangeEvent>,
     pub schema: Arc<TableSchema>,
     pub key: Vec<Value>,
+}
+
+/// One key's write.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub record: Record,
     pub write: Write<Vec<Value>>,
 }
 
@@ -50,7 +56,7 @@ impl Writer {
     /// decision (an operator resolving a conflict).
     pub async fn apply(&self, client: &mut Client, items: &[Item], force: Option<&Decision>) -> Result<Applied> {
         let mut applied = Applied::default();
-        let keys: Vec<Vec<Option<String>>> = items.iter().map(|i| self.target.texts(&i.key, &[]).0).collect();
+        let keys: Vec<Vec<Option<String>>> = items.iter().map(|i| self.target.texts(&i.record.key, &[]).0).collect();
         let states = if self.strategy.reads_target() && force.is_none() {
             let newest = self.newest_values(items);
             let newest = match (&self.strategy, &newest) {
@@ -104,7 +110,7 @@ impl Writer {
         collect(&deletes, r);
         for (i, reason) in rejected {
             applied.rejected += 1;
-            tracing::warn!(sink = %self.sink, offset = items[i].offset, %reason, "target refused a record; dead-lettered");
+            tracing::warn!(sink = %self.sink, offset = items[i].record.offset, %reason, "target refused a record; dead-lettered");
             self.dead.put(self.entry(&items[i], Reason::Rejected, reason, None))?;
         }
         for (i, target) in parked {
@@ -123,11 +129,11 @@ impl Writer {
             items
                 .iter()
                 .map(|item| match item.write {
-                    Write::Delete => Some(timestamptz_text(item.event.commit_ts_us)),
+                    Write::Delete => Some(timestamptz_text(item.record.event.commit_ts_us)),
                     Write::Upsert(_) => {
                         let ctx = crate::mapping::context::EventView::value(
-                            item.event.clone(),
-                            Arc::new(crate::mapping::context::SchemaIndex::new(item.schema.clone())),
+                            item.record.event.clone(),
+                            Arc::new(crate::mapping::context::SchemaIndex::new(item.record.schema.clone())),
                         );
                         source.expr.eval(&ctx).ok().and_then(|v| super::target::cell_text(&v, false))
                     }
@@ -141,7 +147,7 @@ impl Writer {
             Write::Upsert(f) => self.target.texts(&[], f).1,
             Write::Delete => Vec::new(),
         };
-        Row { key, fields, version: Some(item.event.position.to_string()) }
+        Row { key, fields, version: Some(item.record.event.position.to_string()) }
     }
 
     /// A record set aside, with its mapped form when it has one.
@@ -156,19 +162,15 @@ impl Writer {
             )),
             Write::Delete => None,
         };
-        let now = now_text();
-        Entry {
-            id: item.offset,
-            sink: self.sink.clone(),
+        Entry::new(
+            item.record.offset,
+            &self.sink,
             reason,
             error,
-            attempts: 1,
-            first_failed_at: now.clone(),
-            last_failed_at: now,
-            change: (*item.event).clone(),
-            schema: (*item.schema).clone(),
+            &item.record.event,
+            &item.record.schema,
             mapped,
             target,
-        }
+        )
     }
 }
