@@ -301,3 +301,82 @@ async fn a_two_way_mirror_drops_its_own_echoes() {
     assert_eq!(rows_written(&a), 0, "after restart, the echo of B's write was dropped");
     assert_eq!(b.rows("SELECT id, email FROM people").await, vec![vec![Some("1".into()), Some("from-b".into())]]);
 }
+
+/// Edits on the target race a running pipeline that keeps writing the same rows: an edit is
+/// never overwritten by a change the sink decided on before the edit (the sink reads and locks
+/// the target's rows in the transaction that writes them).
+#[tokio::test]
+async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
+    for (strategy, conflict) in
+        [("target_wins", "{ strategy: target_wins }"), ("merge", "{ strategy: merge, owners: { phone: target } }")]
+    {
+        let src = TestDb::new(&format!("race_{strategy}")).await;
+        let dst = TestDb::new(&format!("race_{strategy}_dst")).await;
+        src.client.batch_execute(PEOPLE_SRC).await.unwrap();
+        dst.client.batch_execute(PEOPLE_DST).await.unwrap();
+        src.client
+            .batch_execute("INSERT INTO people SELECT g, 's0', 'sp0', now() FROM generate_series(1, 200) g")
+            .await
+            .unwrap();
+        let sink = format!(
+            "  - name: mirror\n    type: postgres\n    url: {}\n    table: public.people\n    conflict: {conflict}\n    batch: {{ max_records: 20, max_age: 20ms }}\n",
+            dst.url()
+        );
+        let file = src.pipeline_with_sinks(&["public.people"], &sink);
+        run_until_idle(&file);
+        let running = Running::start(&file);
+        src.await_streaming(&running).await;
+        let mut rng = StdRng::seed_from_u64(seed());
+        let plan: Vec<(Vec<i32>, i32)> = (0..60)
+            .map(|_| ((0..10).map(|_| rng.random_range(1..=200)).collect(), rng.random_range(1..=100)))
+            .collect();
+        let source = async {
+            for (n, (ids, _)) in plan.iter().enumerate() {
+                let sql: String = ids
+                    .iter()
+                    .map(|id| format!("UPDATE people SET email = 's{n}', phone = 'sp{n}' WHERE id = {id};"))
+                    .collect();
+                src.client.batch_execute(&format!("BEGIN;{sql}COMMIT;")).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let target = async {
+            let mut last = std::collections::BTreeMap::new();
+            for (n, (_, id)) in plan.iter().enumerate() {
+                dst.client
+                    .batch_execute(&format!("UPDATE people SET email = 't{n}', phone = 'tp{n}' WHERE id = {id}"))
+                    .await
+                    .unwrap();
+                last.insert(*id, n);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            last
+        };
+        let ((), edited) = tokio::join!(source, target);
+        running.stop();
+        run_until_idle(&file);
+        let final_source: std::collections::BTreeMap<String, Vec<Option<String>>> =
+            src.rows(PEOPLE).await.into_iter().map(|r| (r[0].clone().unwrap(), r)).collect();
+        for r in dst.rows(PEOPLE).await {
+            let id: i32 = r[0].as_deref().unwrap().parse().unwrap();
+            match edited.get(&id) {
+                Some(n) if strategy == "target_wins" => {
+                    assert_eq!(
+                        (r[1].clone(), r[2].clone()),
+                        (Some(format!("t{n}")), Some(format!("tp{n}"))),
+                        "{strategy} row {id}"
+                    )
+                }
+                Some(n) => assert_eq!(r[2], Some(format!("tp{n}")), "{strategy} row {id}: phone is the target's"),
+                None => {
+                    let mut expected = final_source[&id.to_string()].clone();
+                    if strategy == "merge" {
+                        // The target owns phone: sluice wrote it only when it created the record.
+                        expected[2] = Some("sp0".into());
+                    }
+                    assert_eq!(r, expected, "{strategy} row {id}: never edited on the target")
+                }
+            }
+        }
+    }
+}

@@ -413,7 +413,7 @@ impl Target {
         };
         let sql = format!(
             "SELECT u.i, md5(ROW({})::text) IS DISTINCT FROM t.{}, {newer}, to_jsonb(t)::text \
-             FROM unnest({}) AS u({}) JOIN {} AS t ON {}",
+             FROM unnest({}) AS u({}) JOIN {} AS t ON {} FOR UPDATE OF t",
             written.join(", "),
             quote_ident(HASH_COLUMN),
             inputs.join(", "),

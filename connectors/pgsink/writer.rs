@@ -57,13 +57,16 @@ impl Writer {
     pub async fn apply(&self, client: &mut Client, items: &[Item], force: Option<&Decision>) -> Result<Applied> {
         let mut applied = Applied::default();
         let keys: Vec<Vec<Option<String>>> = items.iter().map(|i| self.target.texts(&i.record.key, &[]).0).collect();
+        let mut tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
+        // Read and locked in the transaction that writes: an edit on the target between the
+        // decision and the write would otherwise be overwritten unseen.
         let states = if self.strategy.reads_target() && force.is_none() {
             let newest = self.newest_values(items);
             let newest = match (&self.strategy, &newest) {
                 (Strategy::NewestWins { target_field, .. }, Some(v)) => Some((target_field.as_str(), v.as_slice())),
                 _ => None,
             };
-            self.target.states(&*client, &keys, newest).await?
+            self.target.states(&tx, &keys, newest).await?
         } else {
             Default::default()
         };
@@ -92,7 +95,6 @@ impl Writer {
         }
         let rows: Vec<Row> = items.iter().zip(&keys).map(|(item, key)| self.row(item, key.clone())).collect();
         let pick = |idx: &[usize]| idx.iter().map(|&i| rows[i].clone()).collect::<Vec<_>>();
-        let mut tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut collect = |idx: &[usize], r: Vec<Rejected>| {
             rejected.extend(r.into_iter().map(|r| (idx[r.index], r.reason)));

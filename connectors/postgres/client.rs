@@ -58,13 +58,20 @@ pub fn connect_error(conn: &PgConnection, e: &tokio_postgres::Error) -> Error {
     Error::config(format!("cannot connect to {target}: {detail} (is the server running and reachable?)"))
 }
 
-/// Maps a query error; connection-level failures are retryable, everything else permanent.
+/// Maps a query error. Connection failures and the server's transient refusals are retryable:
+/// a deadlock or serialization failure (class 40), lock timeouts (55P03), resource shortage (53),
+/// shutdown or crash of the server (57P0x), connection exceptions (08). Everything else is
+/// permanent.
 pub fn query_error(context: &str, e: tokio_postgres::Error) -> Error {
-    if e.is_closed() || e.as_db_error().is_none() {
-        Error::retryable(context, e)
+    let Some(db) = e.as_db_error().filter(|_| !e.is_closed()) else { return Error::retryable(context, e) };
+    let code = db.code().code();
+    let message = format!("{} ({code})", db.message());
+    let transient =
+        ["40", "53", "08"].iter().any(|class| code.starts_with(class)) || code == "55P03" || code.starts_with("57P0");
+    if transient {
+        Error::retryable(context, message)
     } else {
-        let db = e.as_db_error().expect("checked above");
-        Error::permanent(context, format!("{} ({})", db.message(), db.code().code()))
+        Error::permanent(context, message)
     }
 }
 

@@ -17,7 +17,8 @@ pub enum Strategy {
     /// The later of the source's timestamp field and the target's wins (a tie goes to the
     /// source). A delete's timestamp is its commit time.
     NewestWins { source: Located, target_field: String },
-    /// Each field belongs to one side: on a conflict only source-owned fields are written.
+    /// Each field belongs to one side: a target-owned field is written only when sluice creates
+    /// the record; on an existing record only source-owned fields are written.
     Merge { target_owned: Vec<String> },
     /// The conflict waits in the review queue for `sluice conflicts resolve`; `target_owned`
     /// shapes the `merged` resolution.
@@ -80,6 +81,11 @@ pub enum Decision {
 /// Decides one record. `target` is `None` when the target has no such record; `is_delete` for
 /// a source delete; `fields` names the mapped fields.
 pub fn decide(strategy: &Strategy, target: Option<&TargetState>, is_delete: bool, fields: &[String]) -> Decision {
+    // Ownership holds whether or not the target changed the record this time: a target-owned
+    // field is written only when sluice creates the record.
+    if let (Strategy::Merge { .. }, Some(_), false) = (strategy, target, is_delete) {
+        return strategy.merged(false, fields);
+    }
     let Some(state) = target.filter(|t| t.changed) else { return Decision::Write };
     match strategy {
         Strategy::SourceWins => Decision::Write,
@@ -87,8 +93,7 @@ pub fn decide(strategy: &Strategy, target: Option<&TargetState>, is_delete: bool
         Strategy::NewestWins { .. } if state.target_newer => Decision::Keep,
         Strategy::NewestWins { .. } => Decision::Write,
         // The source owns the record's existence: its delete removes it.
-        Strategy::Merge { .. } if is_delete => Decision::Write,
-        Strategy::Merge { .. } => strategy.merged(false, fields),
+        Strategy::Merge { .. } => Decision::Write,
         Strategy::Manual { .. } => Decision::Park,
     }
 }
@@ -111,12 +116,15 @@ mod tests {
             column: 1,
         };
         let newest = Strategy::NewestWins { source: loc, target_field: "ts".into() };
-        for s in
-            [&Strategy::SourceWins, &Strategy::TargetWins, &newest, &merge, &Strategy::Manual { target_owned: vec![] }]
-        {
+        let manual = Strategy::Manual { target_owned: vec![] };
+        for s in [&Strategy::SourceWins, &Strategy::TargetWins, &newest, &merge, &manual] {
             assert_eq!(decide(s, None, false, &fields), Decision::Write, "{}: no target record", s.name());
+        }
+        for s in [&Strategy::SourceWins, &Strategy::TargetWins, &newest, &manual] {
             assert_eq!(decide(s, Some(&clean), false, &fields), Decision::Write, "{}: unchanged target", s.name());
         }
+        // Ownership holds on every existing record, changed or not.
+        assert_eq!(decide(&merge, Some(&clean), false, &fields), Decision::WriteOwned(vec![true, false]));
         assert_eq!(decide(&Strategy::SourceWins, Some(&changed), false, &fields), Decision::Write);
         assert_eq!(decide(&Strategy::TargetWins, Some(&changed), true, &fields), Decision::Keep);
         assert_eq!(decide(&newest, Some(&changed), false, &fields), Decision::Write);
