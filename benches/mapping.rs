@@ -6,26 +6,23 @@
 //!
 //! No thresholds: the figures are printed, not asserted.
 
-use nix::sys::resource::{getrusage, UsageWho};
+#[path = "support/measure.rs"]
+mod measure;
+
+use measure::{run_sluice, usage};
+use nix::sys::resource::UsageWho;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice::event::{ChangeEvent, Column, ColumnType, Op, Position, TableId, TableSchema, Value};
 use sluice::mapping::coalesce::{Change, Coalescer};
 use sluice::mapping::{Expr, Located, Mapped, Mapper, MappingConfig};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn usage(who: UsageWho) -> (f64, f64) {
-    let u = getrusage(who).unwrap();
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    (secs(u.user_time()) + secs(u.system_time()), u.max_rss() as f64 / 1024.0)
 }
 
 /// The 20 mapped fields: plain copies, string filters, coercions, a template and PII helpers.
@@ -205,23 +202,13 @@ async fn connect(db: &str) -> Client {
     c
 }
 
-/// Runs `sluice run FILE --until-idle 1s`; returns wall seconds, CPU seconds, peak RSS MiB and
-/// the rows the sink wrote (from the status file).
-fn run_sluice(file: &Path, data: &Path) -> (f64, f64, f64, u64) {
-    let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
-    let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap(), "--until-idle", "1s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The idle window is part of the run but not of the work.
-    let wall = start.elapsed().saturating_sub(Duration::from_secs(1)).as_secs_f64();
-    let (cpu1, rss) = usage(UsageWho::RUSAGE_CHILDREN);
+/// Runs `sluice run FILE --until-idle 1s`; returns wall seconds (less the idle window), CPU
+/// seconds, peak RSS MiB and the rows the sink wrote (from the status file).
+fn run(file: &Path, data: &Path) -> (f64, f64, f64, u64) {
+    let m = run_sluice(file);
+    let wall = m.wall.saturating_sub(Duration::from_secs(1)).as_secs_f64();
     let status: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("status.json")).unwrap()).unwrap();
-    (wall, cpu1 - cpu0, rss, status["sinks"][0]["rows_written"].as_u64().unwrap())
+    (wall, m.cpu, m.peak_rss_mib, status["sinks"][0]["rows_written"].as_u64().unwrap())
 }
 
 /// PostgreSQL to sluice (20-field mapping) to PostgreSQL: a snapshot, then a backlog of
@@ -279,7 +266,7 @@ async fn end_to_end(rows: usize, updates: usize) {
     );
     let file = dir.path().join("bench.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let (wall, cpu, rss, written) = run_sluice(&file, &data);
+    let (wall, cpu, rss, written) = run(&file, &data);
     println!(
         "end to end, snapshot of {rows} rows into PostgreSQL: {:.0} rows/s, {written} rows written, CPU {:.2} s per million, peak RSS {rss:.0} MiB",
         rows as f64 / wall,
@@ -295,7 +282,7 @@ async fn end_to_end(rows: usize, updates: usize) {
             .collect();
         src.batch_execute(&format!("BEGIN;{sql}COMMIT;")).await.unwrap();
     }
-    let (wall, cpu, rss, written) = run_sluice(&file, &data);
+    let (wall, cpu, rss, written) = run(&file, &data);
     println!(
         "end to end, {updates} skewed updates: {:.0} changes/s, {written} rows written ({:.1}% of changes), CPU {:.2} s per million, peak RSS {rss:.0} MiB",
         updates as f64 / wall,

@@ -12,9 +12,11 @@
 #[allow(dead_code)]
 #[path = "../tests/support/lake.rs"]
 mod lake;
+#[path = "support/measure.rs"]
+mod measure;
 
 use lake::parquet_files;
-use nix::sys::resource::{getrusage, UsageWho};
+use measure::run_sluice;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,37 +36,8 @@ async fn connect(db: &str) -> Client {
     c
 }
 
-/// CPU seconds and peak RSS (MiB) of waited-for children, cumulative.
-fn children_usage() -> (f64, f64) {
-    let u = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap();
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    (secs(u.user_time()) + secs(u.system_time()), u.max_rss() as f64 / 1024.0)
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-struct Measured {
-    wall: Duration,
-    cpu: f64,
-    peak_rss_mib: f64,
-}
-
-/// Runs `sluice run FILE --until-idle 1s` and measures it.
-fn run_sluice(file: &Path) -> Measured {
-    let (cpu0, _) = children_usage();
-    let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap(), "--until-idle", "1s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let wall = start.elapsed();
-    let (cpu1, rss) = children_usage();
-    Measured { wall, cpu: cpu1 - cpu0, peak_rss_mib: rss }
 }
 
 fn status(data: &Path) -> serde_json::Value {

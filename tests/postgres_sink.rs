@@ -173,6 +173,16 @@ const PEOPLE_DST: &str = "CREATE TABLE people (id int PRIMARY KEY, email text, p
                           _sluice_version text, _sluice_hash text)";
 const PEOPLE: &str = "SELECT id, email, phone, updated_at FROM people ORDER BY id";
 
+/// A source and a target database with their `people` tables; `insert` fills the source.
+async fn people(name: &str, insert: &str) -> (TestDb, TestDb) {
+    let src = TestDb::new(name).await;
+    let dst = TestDb::new(&format!("{name}_dst")).await;
+    src.client.batch_execute(PEOPLE_SRC).await.unwrap();
+    dst.client.batch_execute(PEOPLE_DST).await.unwrap();
+    src.client.batch_execute(insert).await.unwrap();
+    (src, dst)
+}
+
 fn row(id: &str, email: &str, phone: &str, ts: &str) -> Vec<Option<String>> {
     vec![Some(id.into()), Some(email.into()), Some(phone.into()), Some(ts.into())]
 }
@@ -180,14 +190,11 @@ fn row(id: &str, email: &str, phone: &str, ts: &str) -> Vec<Option<String>> {
 /// Syncs two rows, edits one on the target (as a CRM user would), updates both at the source,
 /// syncs again, and returns the pipeline file and the target for the strategy's checks.
 async fn conflict_round(strategy: &str) -> (TestDb, TestDb, std::path::PathBuf) {
-    let src = TestDb::new(&format!("cf_{strategy}")).await;
-    let dst = TestDb::new(&format!("cf_{strategy}_dst")).await;
-    src.client.batch_execute(PEOPLE_SRC).await.unwrap();
-    dst.client.batch_execute(PEOPLE_DST).await.unwrap();
-    src.client
-        .batch_execute("INSERT INTO people VALUES (1, 'a@s', 's1', '2026-01-01 00:00+00'), (2, 'b@s', 's2', '2026-01-01 00:00+00')")
-        .await
-        .unwrap();
+    let (src, dst) = people(
+        &format!("cf_{strategy}"),
+        "INSERT INTO people VALUES (1, 'a@s', 's1', '2026-01-01 00:00+00'), (2, 'b@s', 's2', '2026-01-01 00:00+00')",
+    )
+    .await;
     let conflict = match strategy {
         "newest_wins" => "{ strategy: newest_wins, source_field: after.updated_at, target_field: updated_at }",
         "merge" => "{ strategy: merge, owners: { phone: target, email: source } }",
@@ -310,14 +317,11 @@ async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
     for (strategy, conflict) in
         [("target_wins", "{ strategy: target_wins }"), ("merge", "{ strategy: merge, owners: { phone: target } }")]
     {
-        let src = TestDb::new(&format!("race_{strategy}")).await;
-        let dst = TestDb::new(&format!("race_{strategy}_dst")).await;
-        src.client.batch_execute(PEOPLE_SRC).await.unwrap();
-        dst.client.batch_execute(PEOPLE_DST).await.unwrap();
-        src.client
-            .batch_execute("INSERT INTO people SELECT g, 's0', 'sp0', now() FROM generate_series(1, 200) g")
-            .await
-            .unwrap();
+        let (src, dst) = people(
+            &format!("race_{strategy}"),
+            "INSERT INTO people SELECT g, 's0', 'sp0', now() FROM generate_series(1, 200) g",
+        )
+        .await;
         let sink = format!(
             "  - name: mirror\n    type: postgres\n    url: {}\n    table: public.people\n    conflict: {conflict}\n    batch: {{ max_records: 20, max_age: 20ms }}\n",
             dst.url()
