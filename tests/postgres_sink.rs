@@ -297,8 +297,8 @@ async fn a_two_way_mirror_drops_its_own_echoes() {
     assert_eq!(b.rows("SELECT id, email FROM people").await, vec![vec![Some("1".into()), Some("from-a".into())]]);
     assert_eq!(rows_written(&a), 1);
     // B's change is sluice's write: B to A drops it rather than writing it back.
-    run_until_idle(&b_to_a);
-    assert_eq!(rows_written(&b), 0, "the echo was not written back");
+    let log = run_until_idle(&b_to_a);
+    assert_eq!(rows_written(&b), 0, "the echo was not written back:\n{log}");
 
     b.client.batch_execute("UPDATE people SET email = 'from-b' WHERE id = 1").await.unwrap();
     run_until_idle(&b_to_a);

@@ -307,17 +307,31 @@ pub fn origin_name(pipeline: &str, sink: &str) -> String {
 /// functions; without it, writes are untagged and a two-way mirror relies on skipping
 /// no-op updates to stop echoes after one round.
 async fn mark_origin(client: &Client, name: &str) {
-    let setup = async {
-        client
-            .execute(
-                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
-                 (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[&name],
-            )
-            .await?;
-        client.execute("SELECT pg_replication_origin_session_setup($1)", &[&name]).await
-    };
-    if let Err(e) = setup.await {
-        tracing::warn!(origin = name, error = %e, "cannot tag writes with a replication origin; echoes are not marked");
+    // The backend of this sink's previous session (a restart, a CLI replay) may still hold the
+    // origin for a moment after its client went away.
+    const ATTEMPTS: u32 = 50;
+    for attempt in 1..=ATTEMPTS {
+        match try_mark_origin(client, name).await {
+            Ok(()) => return,
+            Err(e) if attempt < ATTEMPTS && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                tracing::warn!(origin = name, %reason, "cannot tag writes with a replication origin; echoes are not marked");
+                return;
+            }
+        }
     }
+}
+
+async fn try_mark_origin(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&name],
+        )
+        .await?;
+    client.execute("SELECT pg_replication_origin_session_setup($1)", &[&name]).await.map(|_| ())
 }

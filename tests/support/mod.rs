@@ -165,6 +165,14 @@ async fn drop_db(admin: &Client, name: &str) {
         .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&name])
         .await;
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    // Origins of the test's PostgreSQL sinks: cluster-wide, each holding a replication state
+    // slot (max_replication_slots) once used.
+    let _ = admin
+        .execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname LIKE 'sluice:' || $1 || ':%'",
+            &[&name],
+        )
+        .await;
 }
 
 pub fn sluice_bin() -> &'static str {
