@@ -141,13 +141,13 @@ impl Object for EventView {
             },
             "key" => self.row(Image::Key),
             "table" => Value::from(e.table.to_string()),
-            "source" => Value::from_iter([
+            "source" => Value::from(std::collections::BTreeMap::from([
                 ("position", Value::from(e.position.to_string())),
                 ("ts", Value::from(timestamptz_text(e.commit_ts_us))),
                 ("ts_us", Value::from(e.commit_ts_us)),
-                ("tx_id", e.tx_id.map(Value::from).unwrap_or_default()),
+                ("tx_id", e.tx_id.map(Value::from).unwrap_or(Value::from(()))),
                 ("snapshot", Value::from(e.op == Op::Read)),
-            ]),
+            ])),
             _ => return None,
         })
     }

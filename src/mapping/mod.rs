@@ -323,6 +323,29 @@ mod tests {
     }
 
     #[test]
+    fn the_source_block_and_the_key_are_readable() {
+        let m = mapper(
+            Some(vec![
+                ("at", "{{ source.ts }}"),
+                ("pos", "{{ source.position }}"),
+                ("k", "{{ key.id }}"),
+                ("op", "{{ op }}"),
+            ]),
+            None,
+        );
+        let Mapped::Upsert { fields, .. } = m.map(&event(Op::Update, 4, "a", "b")).unwrap() else { panic!() };
+        assert_eq!(
+            fields,
+            vec![
+                Value::from("1970-01-01T00:00:00Z"),
+                Value::from("0000000000000001-c-000000000000"),
+                Value::from(4),
+                Value::from("update")
+            ]
+        );
+    }
+
+    #[test]
     fn without_fields_every_column_is_copied() {
         let m = mapper(None, None);
         assert_eq!(m.field_names(), ["id", "email", "status"]);
