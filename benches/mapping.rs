@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
+/// The allocator the `sluice` binary uses, so in-process figures match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -219,7 +223,8 @@ async fn end_to_end(rows: usize, updates: usize) {
         let _ = admin
             .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&db])
             .await;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}")).await.unwrap();
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
     }
     let src = connect("sluice_bench_map").await;
     let dst = connect("sluice_bench_map_dst").await;
@@ -304,9 +309,13 @@ async fn end_to_end(rows: usize, updates: usize) {
 }
 
 fn main() {
-    let n = env_usize("SLUICE_BENCH_RECORDS", 300_000);
-    map_in_process(n);
+    // End to end first: a child forked later would count this process's in-process records in
+    // its peak RSS (ru_maxrss includes the memory it shared before exec).
+    let rows = env_usize("SLUICE_BENCH_ROWS", 200_000);
+    if rows > 0 {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(end_to_end(rows, env_usize("SLUICE_BENCH_UPDATES", 200_000)));
+    }
+    map_in_process(env_usize("SLUICE_BENCH_RECORDS", 300_000));
     coalesce_in_process(1_000_000, 50_000);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(end_to_end(env_usize("SLUICE_BENCH_ROWS", 200_000), env_usize("SLUICE_BENCH_UPDATES", 200_000)));
 }

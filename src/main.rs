@@ -133,8 +133,23 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
         .with_context(|| format!("no status in {}: the pipeline has not run here yet", path.display()))?;
     let SourceConfig::Postgres(pg) = &pipeline.source;
     let slot = runtime()?.block_on(slot_lag(pg));
+    // Set-aside records live in their own files, counted here rather than in the status file
+    // so the counts are current even while the pipeline is stopped.
+    let mut queues = std::collections::BTreeMap::new();
+    for s in &pipeline.sinks {
+        let dead = sluice::deadletter::EntryStore::dead_letters(path, s.name()).ids()?.len();
+        let parked = sluice::deadletter::EntryStore::conflicts(path, s.name()).ids()?.len();
+        queues.insert(s.name().to_string(), (dead, parked));
+    }
     if json {
         let mut v = serde_json::to_value(&report)?;
+        if let Some(sinks) = v["sinks"].as_array_mut() {
+            for s in sinks {
+                let (dead, parked) = s["name"].as_str().and_then(|n| queues.get(n)).copied().unwrap_or_default();
+                s["dead_letters"] = serde_json::json!(dead);
+                s["conflicts_parked"] = serde_json::json!(parked);
+            }
+        }
         if let Ok((confirmed, lag)) = &slot {
             v["slot_confirmed_lsn"] = serde_json::json!(confirmed);
             v["slot_lag_bytes"] = serde_json::json!(lag);
@@ -157,8 +172,9 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
     );
     println!("  log: head {}, oldest held {:?}", report.log_head, report.log_tail);
     for s in &report.sinks {
+        let (dead, parked) = queues.get(&s.name).copied().unwrap_or_default();
         println!(
-            "  sink {}: cursor {}, {} behind, {} files, {} rows",
+            "  sink {}: cursor {}, {} behind, {} files, {} rows, {dead} dead letters, {parked} conflicts parked",
             s.name, s.cursor, s.behind_events, s.files_written, s.rows_written
         );
     }

@@ -137,6 +137,11 @@ async fn poison_records_go_to_the_dlq_and_replay_after_the_fix() {
         listed.contains("Mapping") && listed.contains("`abc` is not a decimal") && listed.contains("key=[88]"),
         "{listed}"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&sluice_ok(&["status", "--json", file.to_str().unwrap()], file.parent().unwrap()))
+            .unwrap();
+    assert_eq!(status["sinks"][0]["dead_letters"], 2, "{status}");
+    assert_eq!(status["sinks"][0]["conflicts_parked"], 0, "{status}");
     let id77: &str = lines.iter().find(|l| l.contains("key=[77]")).unwrap().split('\t').next().unwrap();
     let shown = sluice_ok(&["dlq", "show", file.to_str().unwrap(), id77], file.parent().unwrap());
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();

@@ -9,7 +9,7 @@ use crate::event::{ChangeEvent, Op, TableSchema, Value as Cell};
 use chrono::{DateTime, NaiveDate, NaiveTime};
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A table schema with its columns indexed by name.
 #[derive(Debug)]
@@ -96,19 +96,21 @@ pub struct EventView {
     index: Arc<SchemaIndex>,
     /// Key expressions of a delete read the removed row as `after`.
     deleted_as_after: bool,
+    /// `after`, made once per event rather than once per field that reads it.
+    after: OnceLock<Value>,
 }
 
 impl EventView {
     /// The context for field and filter expressions.
     pub fn value(event: Arc<ChangeEvent>, index: Arc<SchemaIndex>) -> Value {
-        Value::from_object(Self { event, index, deleted_as_after: false })
+        Value::from_object(Self { event, index, deleted_as_after: false, after: OnceLock::new() })
     }
 
     /// The context for the key expression: for a delete, `after` is the removed row, since a
     /// key written as `{{ after.id }}` must find the same target record when the row goes.
     pub fn key_value(event: Arc<ChangeEvent>, index: Arc<SchemaIndex>) -> Value {
         let deleted = event.op == Op::Delete;
-        Value::from_object(Self { event, index, deleted_as_after: deleted })
+        Value::from_object(Self { event, index, deleted_as_after: deleted, after: OnceLock::new() })
     }
 
     fn row(&self, image: Image) -> Value {
@@ -129,11 +131,14 @@ impl Object for EventView {
         let e = &self.event;
         Some(match key {
             "op" => Value::from(e.op.as_str()),
-            "after" if self.deleted_as_after => self.row(Image::Deleted),
-            "after" => match e.after {
-                Some(_) => self.row(Image::After),
-                None => Value::from(()),
-            },
+            "after" => self
+                .after
+                .get_or_init(|| match (self.deleted_as_after, &e.after) {
+                    (true, _) => self.row(Image::Deleted),
+                    (false, Some(_)) => self.row(Image::After),
+                    (false, None) => Value::from(()),
+                })
+                .clone(),
             "before" => match (e.op, &e.before) {
                 (_, Some(_)) => self.row(Image::Before),
                 (Op::Delete, None) => self.row(Image::Deleted),
@@ -184,9 +189,8 @@ fn date_text(days: i32) -> String {
     match days {
         i32::MAX => "infinity".into(),
         i32::MIN => "-infinity".into(),
-        d => NaiveDate::from_num_days_from_ce_opt(d + 719_163)
-            .map(|d| d.format("%Y-%m-%d").to_string())
-            .unwrap_or_else(|| d.to_string()),
+        // Display rather than format(): it skips parsing a format string for every value.
+        d => NaiveDate::from_num_days_from_ce_opt(d + 719_163).map(|d| d.to_string()).unwrap_or_else(|| d.to_string()),
     }
 }
 
@@ -194,7 +198,7 @@ fn time_text(us: i64) -> String {
     let secs = (us / 1_000_000) as u32;
     let nanos = (us % 1_000_000) as u32 * 1000;
     NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos)
-        .map(|t| t.format("%H:%M:%S%.f").to_string())
+        .map(|t| t.to_string())
         .unwrap_or_else(|| "24:00:00".into())
 }
 
@@ -209,7 +213,7 @@ fn timestamp_text(us: i64) -> String {
         i64::MAX => "infinity".into(),
         i64::MIN => "-infinity".into(),
         us => DateTime::from_timestamp_micros(us)
-            .map(|t| t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string())
+            .map(|t| format!("{}T{}", t.date_naive(), t.time()))
             .unwrap_or_else(|| us.to_string()),
     }
 }

@@ -9,7 +9,7 @@ pub mod expr;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Op, TableId, TableSchema};
 use context::{convert, EventView, SchemaIndex};
-pub use expr::Expr;
+pub use expr::{Expr, ExprList};
 use minijinja::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -87,6 +87,8 @@ struct Plan {
     index: Arc<SchemaIndex>,
     key: Vec<Source>,
     fields: Vec<Source>,
+    /// All fields as one expression, when every field is one.
+    combined: Option<ExprList>,
 }
 
 /// Maps changes; resolves (and checks) the mapping once per table schema.
@@ -139,7 +141,7 @@ impl Mapper {
             Some(k) => k.iter().map(|(n, _)| n.clone()).collect(),
             None => schema.columns.iter().filter(|c| c.key).map(|c| c.name.clone()).collect(),
         };
-        let fields = match &self.config.fields {
+        let fields: Vec<Source> = match &self.config.fields {
             Some(f) => f
                 .iter()
                 .map(|(_, e)| self.checked(&index, e).map(|_| Source::Expr(e.clone())))
@@ -162,7 +164,15 @@ impl Mapper {
         }
         self.key_names = key_names;
         self.field_names = field_names;
-        self.plans.insert(schema_id, Plan { index, key, fields });
+        let exprs: Vec<&Expr> = fields
+            .iter()
+            .filter_map(|f| match f {
+                Source::Expr(e) => Some(&*e.expr),
+                Source::Column(_) => None,
+            })
+            .collect();
+        let combined = (exprs.len() == fields.len() && !exprs.is_empty()).then(|| ExprList::compile(&exprs)).flatten();
+        self.plans.insert(schema_id, Plan { index, key, fields, combined });
         Ok(())
     }
 
@@ -231,6 +241,9 @@ impl Mapper {
                     _ => Mapped::Skip(Skip::Filtered),
                 });
             }
+        }
+        if let Some(values) = plan.combined.as_ref().and_then(|c| c.eval(&ctx)) {
+            return Ok(Mapped::Upsert { key, fields: values });
         }
         let fields = plan.fields.iter().map(|s| self.value(s, event, &ctx, false)).collect::<Result<Vec<_>, _>>()?;
         Ok(Mapped::Upsert { key, fields })

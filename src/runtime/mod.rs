@@ -41,6 +41,8 @@ fn register_metrics(sinks: &[String]) {
     describe_gauge!("sluice_sink_behind_events", "Events in the log not yet durable in the sink");
     describe_counter!("sluice_snapshot_rows_total", "Rows read by the initial snapshot");
     describe_counter!("sluice_toast_fetched_total", "Changes whose unchanged TOAST value was read from the source");
+    describe_counter!("sluice_sink_writes_total", "Upserts and deletes a mapped sink sent to its target");
+    describe_counter!("sluice_dead_letters_total", "Records a mapped sink set aside in its dead-letter queue");
     counter!("sluice_toast_fetched_total").increment(0);
     counter!("sluice_events_in_total").increment(0);
     counter!("sluice_retries_total", "stage" => "source").increment(0);
