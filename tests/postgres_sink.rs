@@ -63,7 +63,18 @@ async fn random_workload_with_kills_mirrors_exactly() {
     for round in 0..3 {
         let running = Running::start(&file);
         src.await_streaming(&running).await;
-        for _ in 0..20 {
+        for tx in 0..20 {
+            if tx == 10 && round == 1 {
+                // The target drops the sink's connection mid-stream: the sink reconnects and
+                // writes the batch again.
+                let killed = dst
+                    .rows(&format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'sluice {} sink crm'",
+                        src.pipeline()
+                    ))
+                    .await;
+                assert!(!killed.is_empty(), "the sink holds a connection to the target");
+            }
             let mut sql = String::from("BEGIN;");
             for _ in 0..rng.random_range(1..30) {
                 let id = rng.random_range(1..next_id);
@@ -319,9 +330,12 @@ async fn a_two_way_mirror_drops_its_own_echoes() {
 /// the target's rows in the transaction that writes them).
 #[tokio::test]
 async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
-    for (strategy, conflict) in
-        [("target_wins", "{ strategy: target_wins }"), ("merge", "{ strategy: merge, owners: { phone: target } }")]
-    {
+    for (strategy, conflict) in [
+        ("target_wins", "{ strategy: target_wins }"),
+        ("merge", "{ strategy: merge, owners: { phone: target } }"),
+        ("newest_wins", "{ strategy: newest_wins, source_field: after.updated_at, target_field: updated_at }"),
+        ("manual", "{ strategy: manual }"),
+    ] {
         let (src, dst) = people(
             &format!("race_{strategy}"),
             "INSERT INTO people SELECT g, 's0', 'sp0', now() FROM generate_series(1, 200) g",
@@ -343,7 +357,11 @@ async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
             for (n, (ids, _)) in plan.iter().enumerate() {
                 let sql: String = ids
                     .iter()
-                    .map(|id| format!("UPDATE people SET email = 's{n}', phone = 'sp{n}' WHERE id = {id};"))
+                    .map(|id| {
+                        format!(
+                            "UPDATE people SET email = 's{n}', phone = 'sp{n}', updated_at = clock_timestamp() WHERE id = {id};"
+                        )
+                    })
                     .collect();
                 src.client.batch_execute(&format!("BEGIN;{sql}COMMIT;")).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -352,11 +370,14 @@ async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
         let target = async {
             let mut last = std::collections::BTreeMap::new();
             for (n, (_, id)) in plan.iter().enumerate() {
-                dst.client
-                    .batch_execute(&format!("UPDATE people SET email = 't{n}', phone = 'tp{n}' WHERE id = {id}"))
-                    .await
-                    .unwrap();
-                last.insert(*id, n);
+                let at = dst
+                    .rows(&format!(
+                        "UPDATE people SET email = 't{n}', phone = 'tp{n}', updated_at = clock_timestamp() \
+                         WHERE id = {id} RETURNING (extract(epoch FROM updated_at) * 1e6)::bigint"
+                    ))
+                    .await;
+                let at: i64 = at[0][0].as_deref().unwrap().parse().unwrap();
+                last.insert(*id, (n, at));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             last
@@ -366,26 +387,36 @@ async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
         run_until_idle(&file);
         let final_source: std::collections::BTreeMap<String, Vec<Option<String>>> =
             src.rows(PEOPLE).await.into_iter().map(|r| (r[0].clone().unwrap(), r)).collect();
+        let source_at: std::collections::BTreeMap<i32, i64> = src
+            .rows("SELECT id, (extract(epoch FROM updated_at) * 1e6)::bigint FROM people")
+            .await
+            .into_iter()
+            .map(|r| (r[0].as_deref().unwrap().parse().unwrap(), r[1].as_deref().unwrap().parse().unwrap()))
+            .collect();
         for r in dst.rows(PEOPLE).await {
             let id: i32 = r[0].as_deref().unwrap().parse().unwrap();
-            match edited.get(&id) {
-                Some(n) if strategy == "target_wins" => {
-                    assert_eq!(
-                        (r[1].clone(), r[2].clone()),
-                        (Some(format!("t{n}")), Some(format!("tp{n}"))),
-                        "{strategy} row {id}"
-                    )
+            let source_row = &final_source[&id.to_string()];
+            let edit = |n: usize| (Some(format!("t{n}")), Some(format!("tp{n}")));
+            let mine = (r[1].clone(), r[2].clone());
+            match (strategy, edited.get(&id)) {
+                ("target_wins" | "manual", Some((n, _))) => assert_eq!(mine, edit(*n), "{strategy} row {id}"),
+                ("merge", Some((n, _))) => assert_eq!(r[2], edit(*n).1, "{strategy} row {id}: phone is the target's"),
+                // The later of the two sides' last writes wins.
+                ("newest_wins", Some((n, at))) if *at > source_at[&id] => {
+                    assert_eq!(mine, edit(*n), "{strategy} row {id}: the target's edit is newer")
                 }
-                Some(n) => assert_eq!(r[2], Some(format!("tp{n}")), "{strategy} row {id}: phone is the target's"),
-                None => {
-                    let mut expected = final_source[&id.to_string()].clone();
-                    if strategy == "merge" {
-                        // The target owns phone: sluice wrote it only when it created the record.
-                        expected[2] = Some("sp0".into());
-                    }
-                    assert_eq!(r, expected, "{strategy} row {id}: never edited on the target")
+                (_, Some(_)) => assert_eq!(&r, source_row, "{strategy} row {id}: the source is newer"),
+                ("merge", None) => {
+                    // The target owns phone: sluice wrote it only when it created the record.
+                    assert_eq!((&r[1], r[2].as_deref()), (&source_row[1], Some("sp0")), "{strategy} row {id}")
                 }
+                (_, None) => assert_eq!(&r, source_row, "{strategy} row {id}: never edited on the target"),
             }
+        }
+        if strategy == "manual" {
+            let parked =
+                std::fs::read_dir(src.data_dir().join("conflicts").join("mirror")).map(|d| d.count()).unwrap_or(0);
+            assert!(parked > 0, "source changes to edited rows were parked for review");
         }
     }
 }
