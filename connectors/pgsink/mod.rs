@@ -6,49 +6,43 @@
 //! its own, so it never overtakes or is overtaken by the rows around it. The durable cursor
 //! moves to a batch's last offset only after its transaction commits.
 
+mod flight;
 pub mod queue;
 pub mod target;
 pub mod writer;
 
 use crate::config::PostgresSinkConfig;
-use crate::connectors::postgres::client::{connect, query_error};
+use crate::connectors::postgres::client::connect;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
 use crate::event::{Op, TableSchema};
 use crate::log::{EmbeddedLog, LogRecord};
-use crate::mapping::coalesce::{Change, Coalescer, Pending};
+use crate::mapping::coalesce::{Change, Coalescer};
 use crate::mapping::{Mapped, Mapper};
 use crate::runtime::sink::{Progress, Sink};
+use flight::{fly, Crew, Landed, Segment, Session};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 use target::Target;
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
-use writer::{Applied, Item, Record, Writer};
+use writer::{Applied, Record, Writer};
 
 type Key = Vec<Option<String>>;
 
-/// Changes accepted but not yet written, in log order.
-enum Segment {
-    Batch {
-        coalescer: Coalescer<Key, Vec<minijinja::Value>, Record>,
-        /// Records that failed mapping, dead-lettered when the batch is written.
-        failed: Vec<Entry>,
-        /// The last offset the batch covers (including skipped records).
-        last: u64,
-        started: Instant,
-    },
-    Truncate {
-        offset: u64,
-    },
-}
+/// Segments waiting beyond the one being filled, above which the sink waits for its flight:
+/// bounds the memory of a sink whose target is slower than its source.
+const MAX_WAITING: usize = 4;
 
 pub struct PostgresSink {
     cfg: PostgresSinkConfig,
     pipeline: String,
     log: EmbeddedLog,
-    client: Option<Client>,
-    writer: Option<Writer>,
+    /// The connection and writer, when no flight has them.
+    crew: Option<Crew>,
+    /// Segments being written in the background.
+    flight: Option<JoinHandle<Landed>>,
     mapper: Mapper,
     schemas: HashMap<u32, Arc<TableSchema>>,
     segments: VecDeque<Segment>,
@@ -59,7 +53,6 @@ pub struct PostgresSink {
     /// The last offset accepted.
     accepted: u64,
     totals: Applied,
-    changes_in: u64,
     dead: EntryStore,
     review: EntryStore,
 }
@@ -76,14 +69,13 @@ impl PostgresSink {
             cfg,
             pipeline: pipeline.to_string(),
             log,
-            client: None,
-            writer: None,
+            crew: None,
+            flight: None,
             schemas: HashMap::new(),
             segments: VecDeque::new(),
             durable: cursor,
             accepted: cursor,
             totals: Applied::default(),
-            changes_in: 0,
             dead,
             review,
         };
@@ -114,17 +106,26 @@ impl PostgresSink {
         let schema = Arc::new(schema);
         self.mapper.prepare(id, schema.clone())?;
         self.schemas.insert(id, schema.clone());
-        if schema.table == self.cfg.mapping.table && self.writer.is_none() {
-            self.connect().await?;
+        if schema.table == self.cfg.mapping.table && self.writer().is_none() {
+            let (client, writer) = open(&self.cfg, &self.pipeline, &self.mapper, &self.dead, &self.review).await?;
+            let session = Session {
+                conn: self.cfg.conn.clone(),
+                application_name: application_name(&self.pipeline, &self.cfg.name),
+                origin: origin_name(&self.pipeline, &self.cfg.name),
+            };
+            self.crew = Some(Crew { client: Some(client), writer, session });
         }
         Ok(schema)
     }
 
-    async fn connect(&mut self) -> Result<()> {
-        let (client, writer) = open(&self.cfg, &self.pipeline, &self.mapper, &self.dead, &self.review).await?;
-        self.writer.get_or_insert(writer);
-        self.client = Some(client);
-        Ok(())
+    /// A mapped key as the target's text, the form batches coalesce by.
+    fn key_text(&self, key: &[minijinja::Value]) -> Key {
+        key.iter().map(|v| target::cell_text(v, false)).collect()
+    }
+
+    /// The writer, when no flight has it.
+    fn writer(&self) -> Option<&Writer> {
+        self.crew.as_ref().map(|c| &c.writer)
     }
 
     fn batch(&mut self) -> &mut Segment {
@@ -159,47 +160,40 @@ impl PostgresSink {
         }
     }
 
-    async fn write_front(&mut self) -> Result<()> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = None;
-            self.connect().await.map_err(|e| Error::retryable("target connection", e))?;
+    /// Takes a landed flight back: its crew, its durable offset, and (after an error) the
+    /// segments it did not write, ahead of everything newer.
+    fn land(&mut self, landed: Landed) -> Result<()> {
+        self.crew = Some(landed.crew);
+        if let Some(d) = landed.durable {
+            self.durable = d;
         }
-        let writer = self.writer.as_ref().expect("connected");
-        let client = self.client.as_mut().expect("connected");
-        match self.segments.front_mut().expect("due") {
-            Segment::Truncate { offset } => {
-                let tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
-                writer.target.truncate(&tx).await?;
-                tx.commit().await.map_err(|e| query_error("commit", e))?;
-                self.durable = *offset;
-            }
-            Segment::Batch { coalescer, failed, last, .. } => {
-                for entry in failed.iter() {
-                    writer.dead.put(entry.clone())?;
-                }
-                // Kept whole until the transaction commits: a retry writes the same batch.
-                let items: Vec<Item> = coalescer
-                    .pending()
-                    .map(|p: &Pending<Key, _, Record>| Item { record: p.last.clone(), write: p.write.clone() })
-                    .collect();
-                let applied = writer.apply(client, &items, None).await?;
-                let t = &mut self.totals;
-                t.upserted += applied.upserted;
-                t.deleted += applied.deleted;
-                t.kept += applied.kept;
-                t.parked += applied.parked;
-                t.rejected += applied.rejected + failed.len() as u64;
-                metrics::counter!("sluice_sink_writes_total", "sink" => self.cfg.name.clone())
-                    .increment(applied.upserted + applied.deleted);
-                if !failed.is_empty() || applied.rejected > 0 {
-                    metrics::counter!("sluice_dead_letters_total", "sink" => self.cfg.name.clone())
-                        .increment(failed.len() as u64 + applied.rejected);
-                }
-                self.durable = *last;
+        let a = landed.applied;
+        self.totals.add(&a);
+        metrics::counter!("sluice_sink_writes_total", "sink" => self.cfg.name.clone())
+            .increment(a.upserted + a.deleted);
+        metrics::counter!("sluice_dead_letters_total", "sink" => self.cfg.name.clone()).increment(a.rejected);
+        for s in landed.remaining.into_iter().rev() {
+            self.segments.push_front(s);
+        }
+        landed.error.map_or(Ok(()), Err)
+    }
+
+    /// Sends every due segment on one flight (segments with nothing to write just move the
+    /// durable offset).
+    fn launch(&mut self, flush: bool) {
+        let mut due = VecDeque::new();
+        while self.due(flush) {
+            let segment = self.segments.pop_front().expect("due");
+            if due.is_empty() && segment.is_empty() {
+                self.durable = segment.last();
+            } else {
+                due.push_back(segment);
             }
         }
-        self.segments.pop_front();
-        Ok(())
+        if !due.is_empty() {
+            let crew = self.crew.take().expect("a segment with writes means the table's schema was seen and connected");
+            self.flight = Some(tokio::spawn(fly(crew, due)));
+        }
     }
 }
 
@@ -207,7 +201,6 @@ impl PostgresSink {
 impl Sink for PostgresSink {
     async fn write(&mut self, records: Vec<LogRecord>) -> Result<()> {
         for r in records {
-            self.changes_in += 1;
             let e = &r.event;
             let schema =
                 if e.table == self.cfg.mapping.table { Some(self.schema(e.schema_id, None).await?) } else { None };
@@ -244,8 +237,7 @@ impl Sink for PostgresSink {
                     continue;
                 }
             };
-            let text =
-                self.writer.as_ref().expect("connected when the table's schema was seen").target.texts(&key, &[]).0;
+            let text = self.key_text(&key);
             let record = Record { offset: r.offset, event: r.event.clone(), schema, key };
             if let Segment::Batch { coalescer, last, .. } = self.batch() {
                 coalescer.push(text, change, r.offset, record);
@@ -256,8 +248,22 @@ impl Sink for PostgresSink {
     }
 
     async fn tick(&mut self, flush: bool) -> Result<Progress> {
-        while self.due(flush) {
-            self.write_front().await?;
+        loop {
+            if let Some(flight) = &self.flight {
+                // Wait for the flight when flushing, or when too much waits behind it.
+                if flight.is_finished() || flush || self.segments.len() > MAX_WAITING {
+                    let flight = self.flight.take().expect("checked above");
+                    let landed = flight.await.map_err(|e| Error::permanent("sink writer", e))?;
+                    self.land(landed)?;
+                }
+            }
+            if self.flight.is_none() {
+                self.launch(flush);
+            }
+            let done = self.flight.is_none() && !self.due(flush);
+            if !flush || done {
+                break;
+            }
         }
         Ok(Progress { cursor: self.durable, state: Vec::new() })
     }
@@ -275,7 +281,7 @@ pub async fn open(
     dead: &EntryStore,
     review: &EntryStore,
 ) -> Result<(Client, Writer)> {
-    let client = connect(&cfg.conn, &format!("sluice {pipeline} sink {}", cfg.name)).await?;
+    let client = connect(&cfg.conn, &application_name(pipeline, &cfg.name)).await?;
     let target = Target::introspect(
         &client,
         &cfg.table,
@@ -295,6 +301,11 @@ pub async fn open(
     };
     mark_origin(&client, &origin_name(pipeline, &cfg.name)).await;
     Ok((client, writer))
+}
+
+/// How the sink's sessions show in `pg_stat_activity`.
+pub fn application_name(pipeline: &str, sink: &str) -> String {
+    format!("sluice {pipeline} sink {sink}")
 }
 
 /// The replication origin a sink's writes carry (`sluice:<pipeline>:<sink>`).

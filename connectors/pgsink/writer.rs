@@ -42,6 +42,16 @@ pub struct Applied {
     pub rejected: u64,
 }
 
+impl Applied {
+    pub fn add(&mut self, other: &Applied) {
+        self.upserted += other.upserted;
+        self.deleted += other.deleted;
+        self.kept += other.kept;
+        self.parked += other.parked;
+        self.rejected += other.rejected;
+    }
+}
+
 pub struct Writer {
     pub sink: String,
     pub target: Target,

@@ -330,6 +330,7 @@ async fn heartbeat(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
+            _ = progress.heartbeat_now.notified() => {}
             _ = cancel.cancelled() => return,
         }
         if client.is_none() {

@@ -19,7 +19,7 @@ use sink::Sink;
 use sink_runner::SinkRunner;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Options of `sluice run`.
 #[derive(Debug, Clone, Default)]
@@ -130,8 +130,15 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             (source_progress.clone(), log.clone(), statuses.clone(), shutdown.clone(), drain.clone());
         tokio::spawn(async move {
             let idle_ms = idle.as_millis() as u64;
+            let mut asked = Instant::now();
             while !shutdown.is_requested() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                // Quiet, but the last heartbeat came before the last data: ask for one now
+                // instead of waiting out the heartbeat interval (at most every half second).
+                if progress.needs_heartbeat(idle_ms) && asked.elapsed() >= Duration::from_millis(500) {
+                    progress.heartbeat_now.notify_one();
+                    asked = Instant::now();
+                }
                 let quiet = progress.idle_for(idle_ms);
                 drain.store(quiet, Ordering::Release);
                 let head = log.head();

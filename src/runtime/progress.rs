@@ -26,6 +26,8 @@ pub struct SourceProgress {
     pub events: AtomicU64,
     pub snapshot_done: AtomicBool,
     pub toast_fetched: AtomicU64,
+    /// Asks the heartbeat task for a heartbeat now, rather than at its next interval.
+    pub heartbeat_now: tokio::sync::Notify,
 }
 
 impl SourceProgress {
@@ -35,6 +37,14 @@ impl SourceProgress {
         let last = self.last_data_ms.load(Ordering::Acquire);
         let seen = self.heartbeat_seen_ms.load(Ordering::Acquire);
         self.snapshot_done.load(Ordering::Acquire) && seen > last && now_ms().saturating_sub(last) >= idle_ms
+    }
+
+    /// No data for `idle_ms`, but no heartbeat emitted since the last data has come back yet:
+    /// one is needed to prove the stream caught up.
+    pub fn needs_heartbeat(&self, idle_ms: u64) -> bool {
+        let last = self.last_data_ms.load(Ordering::Acquire);
+        let seen = self.heartbeat_seen_ms.load(Ordering::Acquire);
+        self.snapshot_done.load(Ordering::Acquire) && seen <= last && now_ms().saturating_sub(last) >= idle_ms
     }
 }
 
