@@ -233,27 +233,19 @@ impl Target {
     }
 
     fn upsert_sql(&self, which: Fields<'_>) -> String {
-        let mut inputs = Vec::new();
-        let mut names = Vec::new();
-        let mut casts = Vec::new();
-        for (i, k) in self.key.iter().enumerate() {
-            inputs.push(format!("${}::text[]", i + 1));
-            names.push(format!("k{i}"));
-            casts.push(format!("k{i}::{}", self.ty(k)));
-        }
+        let (mut u, _) = self.key_unnest(Unnest::default());
+        let mut casts: Vec<String> =
+            self.key.iter().enumerate().map(|(i, k)| format!("k{i}::{}", self.ty(k))).collect();
         let mut written: Vec<&String> = self.key.iter().collect();
         for (j, f) in self.value_fields() {
-            inputs.push(format!("${}::text[]", inputs.len() + 1));
-            names.push(format!("f{j}"));
+            u.column(format!("f{j}"), "text");
             casts.push(format!("f{j}::{}", self.ty(f)));
             written.push(f);
         }
-        let version_param = inputs.len() + 1;
         let mut columns: Vec<String> = written.iter().map(|c| quote_ident(c)).collect();
         let mut values = casts.clone();
         if let VersionGuard::Position { column } = &self.version {
-            inputs.push(format!("${version_param}::text[]"));
-            names.push("v".into());
+            u.column("v", "text");
             columns.push(quote_ident(column));
             values.push("v".into());
         }
@@ -317,12 +309,11 @@ impl Target {
             )
         };
         format!(
-            "INSERT INTO {} AS t ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {action}",
+            "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
             qualified(&self.table),
             columns.join(", "),
             values.join(", "),
-            inputs.join(", "),
-            names.join(", "),
+            u.from(),
             conflict_cols.join(", "),
         )
     }
@@ -342,27 +333,24 @@ impl Target {
         tx.execute(sql, &refs).await.map(|_| ())
     }
 
-    fn delete_sql(&self) -> String {
-        let mut inputs = Vec::new();
-        let mut names = Vec::new();
+    /// Adds the key columns (`k0`, `k1` ...) to `u`, with the conditions that match them to
+    /// the table's key.
+    fn key_unnest(&self, mut u: Unnest) -> (Unnest, Vec<String>) {
         let mut on = Vec::new();
         for (i, k) in self.key.iter().enumerate() {
-            inputs.push(format!("${}::text[]", i + 1));
-            names.push(format!("k{i}"));
+            u.column(format!("k{i}"), "text");
             on.push(format!("t.{} = u.k{i}::{}", quote_ident(k), self.ty(k)));
         }
+        (u, on)
+    }
+
+    fn delete_sql(&self) -> String {
+        let (mut u, mut on) = self.key_unnest(Unnest::default());
         if let VersionGuard::Position { column } = &self.version {
-            inputs.push(format!("${}::text[]", self.key.len() + 1));
-            names.push("v".into());
+            u.column("v", "text");
             on.push(format!("(t.{0} IS NULL OR t.{0} < u.v)", quote_ident(column)));
         }
-        format!(
-            "DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {}",
-            qualified(&self.table),
-            inputs.join(", "),
-            names.join(", "),
-            on.join(" AND ")
-        )
+        format!("DELETE FROM {} AS t USING {} WHERE {}", qualified(&self.table), u.from(), on.join(" AND "))
     }
 
     async fn run_delete(&self, tx: &Transaction<'_>, sql: &str, rows: &[Row]) -> Result<(), tokio_postgres::Error> {
@@ -385,15 +373,12 @@ impl Target {
         keys: &[Vec<Option<String>>],
         newest: Option<(&str, &[Option<String>])>,
     ) -> Result<HashMap<usize, State>> {
-        let mut inputs = vec!["$1::int4[]".to_string()];
-        let mut names = vec!["i".to_string()];
-        let mut on = Vec::new();
+        let mut first = Unnest::default();
+        first.column("i", "int4");
+        let (mut u, on) = self.key_unnest(first);
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> =
             vec![Box::new((0..keys.len() as i32).collect::<Vec<i32>>())];
-        for (i, k) in self.key.iter().enumerate() {
-            inputs.push(format!("${}::text[]", i + 2));
-            names.push(format!("k{i}"));
-            on.push(format!("t.{} = u.k{i}::{}", quote_ident(k), self.ty(k)));
+        for i in 0..self.key.len() {
             params.push(Box::new(keys.iter().map(|key| key[i].clone()).collect::<Vec<_>>()));
         }
         let written: Vec<String> = self
@@ -404,8 +389,7 @@ impl Target {
             .collect();
         let newer = match newest {
             Some((field, ts)) => {
-                inputs.push(format!("${}::text[]", params.len() + 1));
-                names.push("s".into());
+                u.column("s", "text");
                 params.push(Box::new(ts.to_vec()));
                 format!("COALESCE(t.{} > u.s::{}, false)", quote_ident(field), self.ty(field))
             }
@@ -413,11 +397,10 @@ impl Target {
         };
         let sql = format!(
             "SELECT u.i, md5(ROW({})::text) IS DISTINCT FROM t.{}, {newer}, to_jsonb(t)::text \
-             FROM unnest({}) AS u({}) JOIN {} AS t ON {} FOR UPDATE OF t",
+             FROM {} JOIN {} AS t ON {} FOR UPDATE OF t",
             written.join(", "),
             quote_ident(HASH_COLUMN),
-            inputs.join(", "),
-            names.join(", "),
+            u.from(),
             qualified(&self.table),
             on.join(" AND ")
         );
@@ -437,6 +420,25 @@ impl Target {
             out.insert(i as usize, State { changed: r.get(1), target_newer: r.get(2), row });
         }
         Ok(out)
+    }
+}
+
+/// A statement's array parameters as rows: `unnest($1::text[], ...) AS u(k0, ...)`.
+#[derive(Default)]
+struct Unnest {
+    inputs: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Unnest {
+    /// The next parameter, an array of `ty`, as column `name` of `u`.
+    fn column(&mut self, name: impl Into<String>, ty: &str) {
+        self.inputs.push(format!("${}::{ty}[]", self.inputs.len() + 1));
+        self.names.push(name.into());
+    }
+
+    fn from(&self) -> String {
+        format!("unnest({}) AS u({})", self.inputs.join(", "), self.names.join(", "))
     }
 }
 
