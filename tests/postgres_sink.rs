@@ -420,3 +420,38 @@ async fn target_edits_racing_a_running_pipeline_are_never_overwritten() {
         }
     }
 }
+
+/// `version: field:updated_at`: the target takes a change only if its timestamp is not older
+/// than the record's, whatever the order changes arrive in.
+#[tokio::test]
+async fn a_field_version_guard_keeps_the_newer_record() {
+    let (src, dst) = people(
+        "vguard",
+        "INSERT INTO people VALUES (1, 'a', 'p', '2026-05-01 00:00+00'), (2, 'b', 'p', '2026-05-01 00:00+00')",
+    )
+    .await;
+    let sink = format!(
+        "  - name: mirror\n    type: postgres\n    url: {}\n    table: public.people\n    version: field:updated_at\n",
+        dst.url()
+    );
+    let file = src.pipeline_with_sinks(&["public.people"], &sink);
+    run_until_idle(&file);
+    // A newer version reaches the target another way (a backfill, another writer).
+    dst.client
+        .batch_execute("UPDATE people SET email = 'newer', updated_at = '2026-07-01 00:00+00' WHERE id = 1")
+        .await
+        .unwrap();
+    // Older source changes arrive afterwards: row 1's is older than the target's, row 2's newer.
+    src.client
+        .batch_execute(
+            "UPDATE people SET email = 'older', updated_at = '2026-06-01 00:00+00' WHERE id = 1;
+             UPDATE people SET email = 'b2', updated_at = '2026-06-01 00:00+00' WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    run_until_idle(&file);
+    assert_eq!(
+        dst.rows(PEOPLE).await,
+        vec![row("1", "newer", "p", "2026-07-01 00:00:00+00"), row("2", "b2", "p", "2026-06-01 00:00:00+00")]
+    );
+}
