@@ -3,8 +3,9 @@
 //! the same version guard, so a replayed old change never overwrites a newer one.
 
 use super::open;
-use super::writer::{Item, Record, Writer};
+use super::writer::Writer;
 use crate::config::PostgresSinkConfig;
+use crate::connectors::mapped::{Item, Record};
 use crate::deadletter::{now_text, Entry, EntryStore};
 use crate::error::{Error, Result};
 use crate::mapping::coalesce::Write;

@@ -4,53 +4,15 @@
 //! rewrites the same entry).
 
 use super::target::{Fields, Rejected, Row, State, Target};
+use crate::connectors::mapped::{Applied, Item};
 use crate::connectors::postgres::client::query_error;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::Result;
-use crate::event::{ChangeEvent, TableSchema};
 use crate::mapping::coalesce::Write;
 use crate::mapping::conflict::{decide, Decision, Strategy, TargetState};
 use crate::mapping::context::timestamptz_text;
-use minijinja::Value;
 use std::sync::Arc;
 use tokio_postgres::Client;
-
-/// Where a write comes from: the change (by log offset) and its mapped key.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub offset: u64,
-    pub event: Arc<ChangeEvent>,
-    pub schema: Arc<TableSchema>,
-    pub key: Vec<Value>,
-}
-
-/// One key's write.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub record: Record,
-    pub write: Write<Vec<Value>>,
-}
-
-/// What a batch came to, for counters and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub upserted: u64,
-    pub deleted: u64,
-    /// Conflicts where the target's record stayed as it was.
-    pub kept: u64,
-    pub parked: u64,
-    pub rejected: u64,
-}
-
-impl Applied {
-    pub fn add(&mut self, other: &Applied) {
-        self.upserted += other.upserted;
-        self.deleted += other.deleted;
-        self.kept += other.kept;
-        self.parked += other.parked;
-        self.rejected += other.rejected;
-    }
-}
 
 pub struct Writer {
     pub sink: String,

@@ -10,7 +10,7 @@ pub use shutdown::Shutdown;
 
 use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
 use crate::connectors::parquet::ParquetSink;
-use crate::connectors::pgsink::PostgresSink;
+use crate::connectors::pgsink;
 use crate::connectors::postgres::PostgresSource;
 use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
@@ -98,7 +98,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         let built: Result<Box<dyn Sink>> = match cfg.clone() {
             SinkConfig::Parquet(p) => ParquetSink::build(p, log.clone(), cursor, state).await.map(|s| Box::new(s) as _),
             SinkConfig::Postgres(p) => {
-                PostgresSink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
+                pgsink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
             }
         };
         let sink = built.map_err(|e| match e {
