@@ -1,5 +1,6 @@
 //! Sources and sinks.
 
+pub mod hubspot;
 pub mod mapped;
 pub mod parquet;
 pub mod pgsink;

@@ -87,6 +87,10 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
                 pg.mapping.table,
                 pg.conflict.name()
             ),
+            SinkConfig::Hubspot(h) => println!(
+                "  sink {}: hubspot {} object {} from {}, {} requests per 10 s",
+                h.name, h.url, h.object, h.mapping.table, h.rate.ten_second_max
+            ),
         }
     }
     Ok(())

@@ -9,21 +9,15 @@ use sluice::deadletter::{Entry, EntryStore};
 use sluice::mapping::context::convert;
 use std::path::PathBuf;
 
-/// The pipeline, its mapped sink and its data directory.
-fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, PostgresSinkConfig, PathBuf)> {
+/// The pipeline, the chosen mapped sink and the data directory.
+fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, SinkConfig, PathBuf)> {
     let pipeline = load(&args.file)?;
-    let mapped: Vec<&PostgresSinkConfig> = pipeline
-        .sinks
-        .iter()
-        .filter_map(|s| match s {
-            SinkConfig::Postgres(p) => Some(p),
-            SinkConfig::Parquet(_) => None,
-        })
-        .collect();
+    let mapped: Vec<&SinkConfig> =
+        pipeline.sinks.iter().filter(|s| matches!(s, SinkConfig::Postgres(_) | SinkConfig::Hubspot(_))).collect();
     let sink = match (&args.sink, mapped.as_slice()) {
         (Some(name), _) => mapped
             .iter()
-            .find(|s| &s.name == name)
+            .find(|s| s.name() == name)
             .copied()
             .with_context(|| format!("pipeline {} has no mapped sink named {name}", pipeline.name))?,
         (None, [only]) => only,
@@ -36,29 +30,40 @@ fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, PostgresSinkConfig, PathB
     Ok((pipeline, sink, dir))
 }
 
+/// Replaying and resolving write through the sink's target; PostgreSQL sinks only so far.
+fn postgres(sink: &SinkConfig) -> anyhow::Result<&PostgresSinkConfig> {
+    match sink {
+        SinkConfig::Postgres(p) => Ok(p),
+        other => {
+            bail!("sink {}: replay and conflict resolution are supported for postgres sinks only so far", other.name())
+        }
+    }
+}
+
 pub fn dlq(action: DlqCommand) -> anyhow::Result<()> {
     match action {
         DlqCommand::List(args) => {
             let (_, sink, dir) = open(&args)?;
-            list(&EntryStore::dead_letters(&dir, &sink.name))
+            list(&EntryStore::dead_letters(&dir, sink.name()))
         }
         DlqCommand::Show { queue, id } => {
             let (_, sink, dir) = open(&queue)?;
-            show(&EntryStore::dead_letters(&dir, &sink.name), id)
+            show(&EntryStore::dead_letters(&dir, sink.name()), id)
         }
         DlqCommand::Replay { queue, ids, all } => {
             let (pipeline, sink, dir) = open(&queue)?;
+            let sink = postgres(&sink)?;
             let store = EntryStore::dead_letters(&dir, &sink.name);
             let ids = if all { store.ids()? } else { ids };
             if ids.is_empty() {
                 bail!("no records to replay: give ids (see `sluice dlq list`) or --all");
             }
-            let outcomes = runtime()?.block_on(queue::replay(&sink, &pipeline.name, &dir, &ids))?;
+            let outcomes = runtime()?.block_on(queue::replay(sink, &pipeline.name, &dir, &ids))?;
             report(&outcomes, "replayed")
         }
         DlqCommand::Drop { queue, ids, all } => {
             let (_, sink, dir) = open(&queue)?;
-            let store = EntryStore::dead_letters(&dir, &sink.name);
+            let store = EntryStore::dead_letters(&dir, sink.name());
             let ids = if all { store.ids()? } else { ids };
             for id in ids {
                 if store.remove(id)? {
@@ -76,20 +81,21 @@ pub fn conflicts(action: ConflictCommand) -> anyhow::Result<()> {
     match action {
         ConflictCommand::List(args) => {
             let (_, sink, dir) = open(&args)?;
-            list(&EntryStore::conflicts(&dir, &sink.name))
+            list(&EntryStore::conflicts(&dir, sink.name()))
         }
         ConflictCommand::Show { queue, id } => {
             let (_, sink, dir) = open(&queue)?;
-            show(&EntryStore::conflicts(&dir, &sink.name), id)
+            show(&EntryStore::conflicts(&dir, sink.name()), id)
         }
         ConflictCommand::Resolve { queue, id, take } => {
             let (pipeline, sink, dir) = open(&queue)?;
+            let sink = postgres(&sink)?;
             let take = match take {
                 TakeSide::Source => Take::Source,
                 TakeSide::Target => Take::Target,
                 TakeSide::Merged => Take::Merged,
             };
-            let outcome = runtime()?.block_on(queue::resolve(&sink, &pipeline.name, &dir, id, take))?;
+            let outcome = runtime()?.block_on(queue::resolve(sink, &pipeline.name, &dir, id, take))?;
             report(&[(id, outcome)], "resolved")
         }
     }

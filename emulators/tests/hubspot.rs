@@ -7,6 +7,8 @@ use std::time::Duration;
 const TOKEN: &str = "pat-na1-emulator";
 
 async fn emulator(config: Config) -> (Emulator, reqwest::Client) {
+    // Built with sluice, reqwest has no default TLS provider; these calls are plain HTTP anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let e = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     (e, reqwest::Client::new())
 }

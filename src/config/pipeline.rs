@@ -98,6 +98,7 @@ pub enum TransportConfig {
 pub enum SinkConfig {
     Parquet(ParquetSinkConfig),
     Postgres(PostgresSinkConfig),
+    Hubspot(HubSpotSinkConfig),
 }
 
 impl SinkConfig {
@@ -105,8 +106,34 @@ impl SinkConfig {
         match self {
             SinkConfig::Parquet(p) => &p.name,
             SinkConfig::Postgres(p) => &p.name,
+            SinkConfig::Hubspot(p) => &p.name,
         }
     }
+}
+
+/// HubSpot CRM objects kept as a mapped mirror of a source table.
+#[derive(Debug, Clone)]
+pub struct HubSpotSinkConfig {
+    pub name: String,
+    /// The API's base URL (`https://api.hubapi.com`, or an emulator's).
+    pub url: String,
+    /// A private-app token.
+    pub token: Secret,
+    /// The object type: contacts, companies, deals, or a custom object's name.
+    pub object: String,
+    /// The mapping; its key's target is the `idProperty` (a unique property).
+    pub mapping: MappingConfig,
+    pub batch: BatchLimits,
+    pub rate: AccountLimits,
+}
+
+/// A destination account's request budget, shared by every sink writing to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountLimits {
+    /// Requests per rolling 10 seconds (HubSpot Free/Starter 100, Pro/Enterprise 190).
+    pub ten_second_max: u32,
+    /// Requests per day.
+    pub daily_max: u64,
 }
 
 /// A table in another PostgreSQL database, kept as a mapped mirror of a source table.

@@ -69,6 +69,7 @@ pub struct RawTransport {
 pub enum SinkKind {
     Parquet,
     Postgres,
+    Hubspot,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +107,24 @@ pub struct RawSink {
     pub batch: Option<RawBatch>,
     #[serde(default)]
     pub echoes: Option<Spanned<String>>,
+    /// CRM sinks: the object type (contacts, companies, a custom object).
+    #[serde(default)]
+    pub object: Option<Spanned<String>>,
+    /// CRM sinks: the API token.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+    /// CRM sinks: the destination account's rate limits.
+    #[serde(default)]
+    pub rate: Option<RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    #[serde(default)]
+    pub ten_second_max: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub daily_max: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -125,6 +125,7 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         let sink = match sink.kind.value {
             SinkKind::Parquet => SinkConfig::Parquet(parquet_sink(&cx, sink)?),
             SinkKind::Postgres => SinkConfig::Postgres(super::mapped::postgres_sink(&cx, sink, &source_tables)?),
+            SinkKind::Hubspot => SinkConfig::Hubspot(super::mapped::hubspot_sink(&cx, sink, &source_tables)?),
         };
         sinks.push(sink);
     }
@@ -307,6 +308,8 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
     only_for(cx, &name, "parquet", "echoes", raw.echoes.as_ref())?;
     only_for(cx, &name, "parquet", "key", raw.key.as_ref().map(|k| &k.source))?;
     only_for(cx, &name, "parquet", "conflict", raw.conflict.as_ref().map(|c| &c.strategy))?;
+    only_for(cx, &name, "parquet", "object", raw.object.as_ref())?;
+    only_for(cx, &name, "parquet", "token", raw.token.as_ref())?;
     if raw.batch.is_some() {
         return Err(cx.err(
             &raw.name,

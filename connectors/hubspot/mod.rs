@@ -1,0 +1,234 @@
+//! The HubSpot sink: CRM objects upserted by a unique property (`idProperty`) with
+//! `batch/upsert`, and archived for deletes (`batch/read` by the property, then `batch/archive`).
+//! Every input carries its log offset as `objectWriteTraceId`, so a 207 names the inputs HubSpot
+//! refused: those go to the dead-letter queue and the rest of the batch stands. Requests are
+//! spaced by the account's shared budget ([`budget`]); throttling, locks and server errors are
+//! retried, authentication and permission errors stop the pipeline.
+
+pub mod budget;
+
+use crate::config::HubSpotSinkConfig;
+use crate::connectors::mapped::{Applied, Connect, Item, MappedSink, Target};
+use crate::deadletter::{Entry, EntryStore, Reason};
+use crate::error::{Error, Result};
+use crate::log::EmbeddedLog;
+use crate::mapping::coalesce::Write;
+use crate::mapping::Mapper;
+use minijinja::Value;
+use serde_json::{json, Map, Value as Json};
+use sha2::Digest;
+use std::sync::Arc;
+
+/// The most inputs one HubSpot batch call takes.
+const BATCH_LIMIT: usize = 100;
+
+/// The HubSpot sink.
+pub type HubSpotSink = MappedSink<HubSpotConnect>;
+
+/// Builds the HubSpot sink of `cfg`.
+pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<HubSpotSink> {
+    let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
+    let connector = HubSpotConnect { dead: EntryStore::dead_letters(log.dir(), &cfg.name), cfg };
+    MappedSink::build(&name, mapping, batch, connector, log, cursor).await
+}
+
+pub struct HubSpotConnect {
+    cfg: HubSpotSinkConfig,
+    dead: EntryStore,
+}
+
+#[async_trait::async_trait]
+impl Connect for HubSpotConnect {
+    type Target = HubSpotTarget;
+
+    async fn connect(&self, mapper: &Mapper) -> Result<HubSpotTarget> {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::config(format!("TLS: {e}")))?
+            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::config(format!("HTTP client: {e}")))?;
+        // The budget is per account: the same base URL and token share one.
+        let digest = hex::encode(&sha2::Sha256::digest(self.cfg.token.expose().as_bytes())[..8]);
+        let budget = budget::for_account(&format!("{}|{digest}", self.cfg.url), self.cfg.rate);
+        let id_property = mapper.key_names().first().cloned().unwrap_or_default();
+        Ok(HubSpotTarget {
+            http,
+            base: format!("{}/crm/v3/objects/{}", self.cfg.url, self.cfg.object),
+            token: self.cfg.token.expose().to_string(),
+            sink: self.cfg.name.clone(),
+            id_property,
+            fields: mapper.field_names().to_vec(),
+            budget,
+            dead: self.dead.clone(),
+        })
+    }
+}
+
+pub struct HubSpotTarget {
+    http: reqwest::Client,
+    /// `{url}/crm/v3/objects/{object}`.
+    base: String,
+    token: String,
+    sink: String,
+    id_property: String,
+    fields: Vec<String>,
+    budget: Arc<budget::Budget>,
+    dead: EntryStore,
+}
+
+impl HubSpotTarget {
+    /// One API call within the account's budget; the status and body, or a classified error.
+    async fn call(&self, op: &str, body: &Json) -> Result<(u16, Json)> {
+        self.budget.ready().await;
+        let response = self
+            .http
+            .post(format!("{}/batch/{op}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| Error::retryable(format!("hubspot {op}"), e))?;
+        let status = response.status().as_u16();
+        let remaining =
+            response.headers().get("x-hubspot-ratelimit-remaining").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if status == 429 || remaining == Some(0) {
+            self.budget.pause();
+        }
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = response.text().await.map_err(|e| Error::retryable(format!("hubspot {op}"), e))?;
+        let body: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+        let context = format!("hubspot {op}");
+        let detail = || {
+            let category = body.get("category").or(body.get("policyName")).and_then(Json::as_str).unwrap_or("");
+            let message = body.get("message").and_then(Json::as_str).unwrap_or(&text);
+            format!("{status} {category}: {message}")
+        };
+        match status {
+            200..=299 => Ok((status, body)),
+            400 => Ok((status, body)),
+            401 | 403 => Err(Error::config(format!("{context}: {} (check the token and its scopes)", detail()))),
+            404 => Err(Error::config(format!("{context}: {} (check the object name)", detail()))),
+            429 | 423 | 477 | 500..=599 => {
+                let wait = retry_after.map(|s| format!(", Retry-After {s}s")).unwrap_or_default();
+                Err(Error::retryable(context, format!("{}{wait}", detail())))
+            }
+            _ => Err(Error::permanent(context, detail())),
+        }
+    }
+
+    fn dead_letter(&self, item: &Item, error: String) -> Result<()> {
+        tracing::warn!(sink = %self.sink, offset = item.record.offset, %error, "hubspot refused a record; dead-lettered");
+        let mapped = match &item.write {
+            Write::Upsert(f) => Some(Json::Object(self.properties(f))),
+            Write::Delete => None,
+        };
+        let r = &item.record;
+        self.dead.put(Entry::new(r.offset, &self.sink, Reason::Rejected, error, &r.event, &r.schema, mapped, None))
+    }
+
+    /// Mapped fields as HubSpot property values (strings; null clears a property).
+    fn properties(&self, fields: &[Value]) -> Map<String, Json> {
+        self.fields
+            .iter()
+            .zip(fields)
+            .filter(|(name, _)| **name != self.id_property)
+            .map(|(name, v)| {
+                let value = if v.is_none() || v.is_undefined() { String::new() } else { v.to_string() };
+                (name.clone(), Json::String(value))
+            })
+            .collect()
+    }
+
+    fn external_id(item: &Item) -> String {
+        item.record.key.first().map(|v| v.to_string()).unwrap_or_default()
+    }
+
+    async fn upsert(&self, items: &[&Item]) -> Result<u64> {
+        let inputs: Vec<Json> = items
+            .iter()
+            .map(|item| {
+                let Write::Upsert(fields) = &item.write else { unreachable!("upserts only") };
+                json!({
+                    "idProperty": self.id_property,
+                    "id": Self::external_id(item),
+                    "properties": self.properties(fields),
+                    "objectWriteTraceId": item.record.offset.to_string(),
+                })
+            })
+            .collect();
+        let (status, body) = self.call("upsert", &json!({ "inputs": inputs })).await?;
+        if status == 400 {
+            // The whole batch was refused: nothing was written, every record carries the reason.
+            let reason = format!("400 {}", body);
+            for item in items {
+                self.dead_letter(item, reason.clone())?;
+            }
+            return Ok(0);
+        }
+        let mut refused = 0;
+        for error in body.get("errors").and_then(Json::as_array).into_iter().flatten() {
+            let traces =
+                error.pointer("/context/objectWriteTraceId").and_then(Json::as_array).cloned().unwrap_or_default();
+            for trace in traces {
+                if let Some(item) = items.iter().find(|i| Some(i.record.offset.to_string().as_str()) == trace.as_str())
+                {
+                    self.dead_letter(item, error.to_string())?;
+                    refused += 1;
+                }
+            }
+        }
+        Ok(items.len() as u64 - refused)
+    }
+
+    async fn archive(&self, items: &[&Item]) -> Result<u64> {
+        let ids: Vec<Json> = items.iter().map(|i| json!({ "id": Self::external_id(i) })).collect();
+        let (status, body) = self.call("read", &json!({ "idProperty": self.id_property, "inputs": ids })).await?;
+        if status == 400 {
+            return Err(Error::permanent("hubspot read", body.to_string()));
+        }
+        // Records not found are already gone: a delete's replay is harmless.
+        let found: Vec<Json> = body
+            .get("results")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("id").cloned())
+            .map(|id| json!({ "id": id }))
+            .collect();
+        if !found.is_empty() {
+            self.call("archive", &json!({ "inputs": found })).await?;
+        }
+        Ok(items.len() as u64)
+    }
+}
+
+#[async_trait::async_trait]
+impl Target for HubSpotTarget {
+    async fn write_batch(&mut self, items: Vec<Item>) -> Result<Applied> {
+        let mut applied = Applied::default();
+        let (upserts, deletes): (Vec<&Item>, Vec<&Item>) =
+            items.iter().partition(|i| matches!(i.write, Write::Upsert(_)));
+        // Coalescing left one item per key, so ids are unique within each call, as HubSpot requires.
+        for chunk in upserts.chunks(BATCH_LIMIT) {
+            let written = self.upsert(chunk).await?;
+            applied.upserted += written;
+            applied.rejected += chunk.len() as u64 - written;
+        }
+        for chunk in deletes.chunks(BATCH_LIMIT) {
+            applied.deleted += self.archive(chunk).await?;
+        }
+        Ok(applied)
+    }
+
+    async fn truncate(&mut self) -> Result<()> {
+        // Emptying a CRM object because a source table was truncated is rarely wanted and cannot
+        // be undone: say so and leave the records.
+        tracing::warn!(sink = %self.sink, "source table truncated; HubSpot records are left as they are");
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! PostgreSQL to sluice to the HubSpot emulator: mapped records upserted by external id, deletes
+//! archived, a poison record dead-lettered while the rest flows, no duplicates after kill -9,
+//! and no request over the account's budget.
+
+mod support;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use sluice_emulators::hubspot::{self, Config};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::{run_until_idle, seed, sluice, Running, TestDb};
+
+const TOKEN: &str = "pat-na1-test";
+
+fn sink(url: &str, ten_second_max: u32) -> String {
+    format!(
+        "  - name: crm\n    type: hubspot\n    url: {url}\n    token: {TOKEN}\n    object: contacts\n\
+         \x20   key: {{ source: \"{{{{ after.id }}}}\", target: sluice_id }}\n\
+         \x20   when: \"{{{{ after.status != 'test' }}}}\"\n\
+         \x20   fields:\n\
+         \x20     email: \"{{{{ after.email | lower }}}}\"\n\
+         \x20     firstname: \"{{{{ after.first_name }}}}\"\n\
+         \x20     lifetime_value: \"{{{{ after.ltv }}}}\"\n\
+         \x20   rate: {{ ten_second_max: {ten_second_max} }}\n    batch: {{ max_records: 20, max_age: 200ms }}\n"
+    )
+}
+
+/// The emulator's live contacts by sluice_id, failing on duplicates.
+async fn contacts(url: &str) -> BTreeMap<String, (String, String, String)> {
+    let all: Value = reqwest::get(format!("{url}/_emu/objects/contacts")).await.unwrap().json().await.unwrap();
+    let mut out = BTreeMap::new();
+    for r in all.as_array().unwrap().iter().filter(|r| r["archived"] == false) {
+        let p = &r["properties"];
+        let id = p["sluice_id"].as_str().unwrap().to_string();
+        let row = (
+            p["email"].as_str().unwrap().to_string(),
+            p["firstname"].as_str().unwrap().to_string(),
+            p["lifetime_value"].as_str().unwrap().to_string(),
+        );
+        assert!(out.insert(id.clone(), row).is_none(), "two live records for sluice_id {id}");
+    }
+    out
+}
+
+// The emulator serves from this test's runtime while `sluice run` blocks a thread: two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_mirrors_into_hubspot_with_dead_letters_and_no_duplicates() {
+    // reqwest is built without a default TLS provider (sluice brings its own).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let emulator = hubspot::start(
+        Config { tokens: vec![TOKEN.into()], ten_second_max: 20, ..Default::default() },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let url = emulator.url();
+    let c = reqwest::Client::new();
+    let props = json!({"strict": true, "properties": {
+        "sluice_id": {"unique": true}, "email": {}, "firstname": {}, "lifetime_value": {"type": "number"}}});
+    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
+
+    let db = TestDb::new("hubspot").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
+             INSERT INTO customers SELECT g, 'U' || g || '@X.io', 'n' || g, CASE WHEN g % 25 = 0 THEN 'test' ELSE 'live' END,
+               (g * 1.5)::text FROM generate_series(1, 400) g;
+             UPDATE customers SET ltv = 'n/a' WHERE id = 7;",
+        )
+        .await
+        .unwrap();
+    // 20 requests per 10 s, and batches of 20 changes: the snapshot alone needs 20 calls, so
+    // only the budget keeps the sink from the 429s a burst would meet.
+    let file = db.pipeline_with_sinks(&["public.customers"], &sink(&url, 20));
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut next = 401;
+    let running = Running::start(&file);
+    db.await_streaming(&running).await;
+    for round in 0..2 {
+        for _ in 0..15 {
+            let id = rng.random_range(1..next);
+            let sql = match rng.random_range(0..6) {
+                0 => {
+                    next += 1;
+                    format!("INSERT INTO customers VALUES ({next}, 'N{next}@X.io', 'f', 'live', '2.5')")
+                }
+                1 => format!("DELETE FROM customers WHERE id = {id}"),
+                2 => format!(
+                    "UPDATE customers SET status = CASE status WHEN 'test' THEN 'live' ELSE 'test' END WHERE id = {id}"
+                ),
+                _ => format!(
+                    "UPDATE customers SET first_name = 'r{round}', ltv = '{}' WHERE id = {id} AND id <> 7",
+                    rng.random_range(1..999)
+                ),
+            };
+            db.client.batch_execute(&sql).await.unwrap();
+        }
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+        }
+    }
+    running.kill9();
+    run_until_idle(&file);
+
+    let mut expected = BTreeMap::new();
+    for r in db.rows("SELECT id, lower(email), first_name, ltv FROM customers WHERE status <> 'test' AND id <> 7").await
+    {
+        let v = |i: usize| r[i].clone().unwrap();
+        expected.insert(v(0), (v(1), v(2), v(3)));
+    }
+    let actual = contacts(&url).await;
+    assert_eq!(actual.len(), expected.len());
+    assert_eq!(actual, expected);
+
+    // The poison record is in the dead-letter queue with HubSpot's reason.
+    let out = sluice(&["dlq", "list", file.to_str().unwrap()], file.parent().unwrap());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("key=[7]") && listed.contains("INVALID_FLOAT"), "{listed}");
+    // The budget kept every request under the account's limit.
+    let stats: Value = c.get(format!("{url}/_emu/stats")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats.get("status_429"), None, "{stats}");
+}
