@@ -10,19 +10,13 @@ use serde_json::{json, Value};
 use sluice_emulators::hubspot::{self, Config};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::{run_until_idle, seed, sluice, Running, TestDb};
+use support::{run_until_idle, seed, sluice, Running, TestDb, CUSTOMERS_MAPPING};
 
 const TOKEN: &str = "pat-na1-test";
 
 fn sink(url: &str, ten_second_max: u32) -> String {
     format!(
-        "  - name: crm\n    type: hubspot\n    url: {url}\n    token: {TOKEN}\n    object: contacts\n\
-         \x20   key: {{ source: \"{{{{ after.id }}}}\", target: sluice_id }}\n\
-         \x20   when: \"{{{{ after.status != 'test' }}}}\"\n\
-         \x20   fields:\n\
-         \x20     email: \"{{{{ after.email | lower }}}}\"\n\
-         \x20     firstname: \"{{{{ after.first_name }}}}\"\n\
-         \x20     lifetime_value: \"{{{{ after.ltv }}}}\"\n\
+        "  - name: crm\n    type: hubspot\n    url: {url}\n    token: {TOKEN}\n    object: contacts\n{CUSTOMERS_MAPPING}\
          \x20   rate: {{ ten_second_max: {ten_second_max} }}\n    batch: {{ max_records: 20, max_age: 200ms }}\n"
     )
 }

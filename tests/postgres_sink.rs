@@ -7,18 +7,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::Duration;
-use support::{run_until_idle, seed, sluice, Running, TestDb};
+use support::{run_until_idle, seed, sluice, Running, TestDb, CUSTOMERS_MAPPING};
 
 /// The sink block of a mapped mirror of `customers` into `contacts`.
 fn crm_sink(target: &TestDb, extra: &str) -> String {
     format!(
-        "  - name: crm\n    type: postgres\n    url: {url}\n    table: public.contacts\n\
-         \x20   key: {{ source: \"{{{{ after.id }}}}\", target: sluice_id }}\n\
-         \x20   when: \"{{{{ after.status != 'test' }}}}\"\n\
-         \x20   fields:\n\
-         \x20     email: \"{{{{ after.email | lower }}}}\"\n\
-         \x20     firstname: \"{{{{ after.first_name }}}}\"\n\
-         \x20     lifetime_value: \"{{{{ after.ltv }}}}\"\n\
+        "  - name: crm\n    type: postgres\n    url: {url}\n    table: public.contacts\n{CUSTOMERS_MAPPING}\
          \x20     status: \"{{{{ after.status }}}}\"\n{extra}",
         url = target.url()
     )

@@ -24,15 +24,7 @@ pub(super) fn postgres_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Resu
         "rate",
         raw.rate.as_ref().and_then(|r| r.ten_second_max.as_ref().or(r.daily_max.as_ref())),
     )?;
-    only_for(cx, &name, kind, "unbounded_numeric", raw.unbounded_numeric.as_ref())?;
-    only_for(cx, &name, kind, "partition_by", raw.partition_by.as_ref())?;
-    if raw.s3.is_some() || raw.roll.is_some() {
-        return Err(cx.err(
-            &raw.name,
-            format!("sink {name}: `s3` and `roll` apply to parquet sinks only"),
-            "remove them from this postgres sink",
-        ));
-    }
+    no_parquet_keys(cx, &name, kind, &raw)?;
     let url = cx.resolve("url", &raw.url)?;
     let mut conn = parse_pg_url(&url).map_err(|m| {
         cx.err(&raw.url, format!("sink {name}: url: {m}"), "write it as postgres://user@host:5432/database")
@@ -70,6 +62,20 @@ pub(super) fn postgres_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Resu
     };
     let batch = batch(cx, &raw, 500)?;
     Ok(PostgresSinkConfig { name, conn, table, mapping, conflict, version, batch })
+}
+
+/// Refuses the keys that only Parquet sinks have.
+fn no_parquet_keys(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -> Result<(), ConfigError> {
+    only_for(cx, name, kind, "unbounded_numeric", raw.unbounded_numeric.as_ref())?;
+    only_for(cx, name, kind, "partition_by", raw.partition_by.as_ref())?;
+    if raw.s3.is_some() || raw.roll.is_some() {
+        return Err(cx.err(
+            &raw.name,
+            format!("sink {name}: `s3` and `roll` apply to parquet sinks only"),
+            format!("remove them from this {kind} sink"),
+        ));
+    }
+    Ok(())
 }
 
 /// The mapping keys shared by every mapped sink type.
@@ -249,15 +255,7 @@ pub(super) fn hubspot_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Resul
     let kind = "hubspot";
     only_for(cx, &name, kind, "table", raw.table.as_ref())?;
     only_for(cx, &name, kind, "version", raw.version.as_ref())?;
-    only_for(cx, &name, kind, "unbounded_numeric", raw.unbounded_numeric.as_ref())?;
-    only_for(cx, &name, kind, "partition_by", raw.partition_by.as_ref())?;
-    if raw.s3.is_some() || raw.roll.is_some() {
-        return Err(cx.err(
-            &raw.name,
-            format!("sink {name}: `s3` and `roll` apply to parquet sinks only"),
-            "remove them",
-        ));
-    }
+    no_parquet_keys(cx, &name, kind, &raw)?;
     if let Some(c) = &raw.conflict {
         if c.strategy.value.trim() != "source_wins" {
             return Err(cx.err(

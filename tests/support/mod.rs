@@ -9,6 +9,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
+/// The mapping the sink tests share: `customers` rows keyed by id, test rows filtered out,
+/// email lower-cased, as YAML lines of a sink block.
+pub const CUSTOMERS_MAPPING: &str = "    key: { source: \"{{ after.id }}\", target: sluice_id }\n\
+    \x20   when: \"{{ after.status != 'test' }}\"\n\
+    \x20   fields:\n\
+    \x20     email: \"{{ after.email | lower }}\"\n\
+    \x20     firstname: \"{{ after.first_name }}\"\n\
+    \x20     lifetime_value: \"{{ after.ltv }}\"\n";
+
 /// The server the services script starts; override with SLUICE_TEST_PG_HOST/PORT.
 pub fn pg_host() -> String {
     std::env::var("SLUICE_TEST_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into())
