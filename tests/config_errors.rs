@@ -177,6 +177,21 @@ fn every_shipped_pipeline_file_validates() {
 
 const MAPPED: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: crm\n    type: postgres\n    url: postgres://cdc@127.0.0.1/other\n    table: public.contacts\n    fields:\n      email: \"{{ after.email | lower }}\"\n";
 
+const HUBSPOT: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: crm\n    type: hubspot\n    url: https://api.hubapi.com\n    token: pat-x\n    object: contacts\n    key: { source: \"{{ after.id }}\", target: sluice_id }\n";
+
+#[test]
+fn a_hubspot_sink_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["validate", write(dir.path(), HUBSPOT).to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("sink crm: hubspot https://api.hubapi.com object contacts from public.t, 100 requests per 10 s"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn a_mapped_sink_validates() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,6 +270,28 @@ fn mapped_sink_mistakes_are_named_with_their_fix() {
             "`when` does not apply to parquet sinks",
             "remove `when`",
         ),
+        (HUBSPOT.replace("    token: pat-x\n", ""), "a hubspot sink needs `token:`", "HUBSPOT_TOKEN"),
+        (
+            HUBSPOT.replace("https://api.hubapi.com", "http://crm.example.com"),
+            "is neither https:// nor a loopback http:// address",
+            "https://api.hubapi.com",
+        ),
+        (
+            format!("{HUBSPOT}    conflict: {{ strategy: merge }}\n"),
+            "conflict strategy `merge` is not supported for hubspot sinks yet",
+            "source_wins",
+        ),
+        (
+            HUBSPOT.replace("    key: { source: \"{{ after.id }}\", target: sluice_id }\n", ""),
+            "needs `key:` naming the unique property",
+            "sluice_id must be a unique property",
+        ),
+        (
+            format!("{HUBSPOT}    rate: {{ ten_second_max: 0 }}\n"),
+            "rate.ten_second_max: must be at least 1",
+            "100 or 190",
+        ),
+        (format!("{MAPPED}    token: x\n"), "`token` does not apply to postgres sinks", "remove `token`"),
     ];
     for (yaml, message, fix) in cases {
         let (code, err) = validate(&write(dir.path(), &yaml));

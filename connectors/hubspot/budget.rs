@@ -35,13 +35,23 @@ impl Budget {
         self.limiter.until_ready().await;
     }
 
-    /// Holds every request for one interval (the server says the window is full).
-    pub fn pause(&self) {
-        let until = Instant::now() + INTERVAL;
+    /// Holds every request for `wait` (a full window, or the server's `Retry-After`).
+    pub fn pause(&self, wait: Duration) {
+        let until = Instant::now() + wait;
         let mut p = self.paused_until.lock().expect("budget lock");
         if p.is_none_or(|t| t < until) {
             *p = Some(until);
         }
+    }
+}
+
+/// Requests per window the budget spaces evenly: about 3% under the account's limit, so this
+/// process alone never fills the window, and a `Remaining: 0` means someone else is using it.
+fn spaced_rate(limit: u32) -> u32 {
+    if limit <= 1 {
+        1
+    } else {
+        limit - (limit / 32).max(1)
     }
 }
 
@@ -51,8 +61,7 @@ pub fn for_account(account: &str, limits: AccountLimits) -> Arc<Budget> {
     ACCOUNTS
         .entry(account.to_string())
         .or_insert_with(|| {
-            // Evenly spaced with no burst: any 10-second window holds at most the limit.
-            let period = INTERVAL / limits.ten_second_max.max(1);
+            let period = INTERVAL / spaced_rate(limits.ten_second_max);
             let quota = Quota::with_period(period).expect("a positive period").allow_burst(NonZeroU32::MIN);
             Arc::new(Budget { limiter: RateLimiter::direct(quota), paused_until: Mutex::new(None) })
         })
@@ -62,6 +71,11 @@ pub fn for_account(account: &str, limits: AccountLimits) -> Arc<Budget> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_stays_just_under_the_limit() {
+        assert_eq!((spaced_rate(100), spaced_rate(190), spaced_rate(20), spaced_rate(1)), (97, 185, 19, 1));
+    }
 
     #[test]
     fn sinks_of_one_account_share_its_budget() {

@@ -96,10 +96,16 @@ impl HubSpotTarget {
         let status = response.status().as_u16();
         let remaining =
             response.headers().get("x-hubspot-ratelimit-remaining").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if status == 429 || remaining == Some(0) {
-            self.budget.pause();
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        // The window is full (by the header, or a 429): no request until it has passed. A
+        // Retry-After (423, 477) holds the account's requests as long as it says.
+        match (status, retry_after) {
+            (_, Some(secs)) if status >= 400 => self.budget.pause(std::time::Duration::from_secs(secs)),
+            (429, None) => self.budget.pause(budget::INTERVAL),
+            _ if remaining == Some(0) => self.budget.pause(budget::INTERVAL),
+            _ => {}
         }
-        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
         let text = response.text().await.map_err(|e| Error::retryable(format!("hubspot {op}"), e))?;
         let body: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
         let context = format!("hubspot {op}");
