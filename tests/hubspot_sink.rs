@@ -116,3 +116,45 @@ async fn a_table_mirrors_into_hubspot_with_dead_letters_and_no_duplicates() {
     let stats: Value = c.get(format!("{url}/_emu/stats")).send().await.unwrap().json().await.unwrap();
     assert_eq!(stats.get("status_429"), None, "{stats}");
 }
+
+/// A storm of 429s, locks, migrations with Retry-After and gateway errors: every one is retried,
+/// and the records land exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_are_retried_without_loss() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let emulator =
+        hubspot::start(Config { tokens: vec![TOKEN.into()], ..Default::default() }, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let url = emulator.url();
+    let c = reqwest::Client::new();
+    let props = json!({"properties": {"sluice_id": {"unique": true}}});
+    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
+    for (status, count, retry_after) in
+        [(429, 3, None), (423, 1, None), (477, 1, Some(1)), (502, 2, None), (524, 1, None)]
+    {
+        let fault =
+            json!({"path_contains": "batch/upsert", "status": status, "count": count, "retry_after": retry_after});
+        c.post(format!("{url}/_emu/faults")).json(&fault).send().await.unwrap();
+    }
+    let db = TestDb::new("hubspot_storm").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
+             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, 250) g;",
+        )
+        .await
+        .unwrap();
+    let file = db.pipeline_with_sinks(&["public.customers"], &sink(&url, 100));
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || run_until_idle(&f)).await.unwrap();
+    let actual = contacts(&url).await;
+    assert_eq!(actual.len(), 250);
+    assert_eq!(actual["77"], ("u77@x.io".to_string(), "n77".to_string(), "77".to_string()));
+    let stats: Value = c.get(format!("{url}/_emu/stats")).send().await.unwrap().json().await.unwrap();
+    for (status, count) in
+        [("status_429", 3), ("status_423", 1), ("status_477", 1), ("status_502", 2), ("status_524", 1)]
+    {
+        assert_eq!(stats[status], count, "{status}: {stats}");
+    }
+}
