@@ -36,6 +36,14 @@ impl Segment {
         }
     }
 
+    /// Changes accepted into the segment (before coalescing), mapping failures included.
+    pub fn changes(&self) -> usize {
+        match self {
+            Segment::Batch { coalescer, failed, .. } => coalescer.changes() as usize + failed.len(),
+            Segment::Truncate { .. } => 0,
+        }
+    }
+
     /// Covers only records with nothing to write (other tables, filtered rows).
     pub fn is_empty(&self) -> bool {
         matches!(self, Segment::Batch { coalescer, failed, .. } if coalescer.is_empty() && failed.is_empty())

@@ -96,9 +96,8 @@ pub struct MappedSink<C: Connect> {
     limits: BatchLimits,
     connector: C,
     log: EmbeddedLog,
-    /// The connected target, when no flight has it.
+    /// The connected target, when no flight has it (neither: not connected yet).
     target: Option<C::Target>,
-    connected: bool,
     /// Segments being written in the background.
     flight: Option<JoinHandle<Landed<C::Target>>>,
     mapper: Mapper,
@@ -136,7 +135,6 @@ impl<C: Connect> MappedSink<C> {
             connector,
             log,
             target: None,
-            connected: false,
             flight: None,
             schemas: HashMap::new(),
             segments: VecDeque::new(),
@@ -153,11 +151,6 @@ impl<C: Connect> MappedSink<C> {
         Ok(sink)
     }
 
-    /// Totals so far: writes, deletes, kept, parked and rejected records.
-    pub fn applied(&self) -> Applied {
-        self.totals
-    }
-
     async fn schema(&mut self, id: u32, known: Option<TableSchema>) -> Result<Arc<TableSchema>> {
         if let Some(s) = self.schemas.get(&id) {
             return Ok(s.clone());
@@ -171,18 +164,15 @@ impl<C: Connect> MappedSink<C> {
         let schema = Arc::new(schema);
         self.mapper.prepare(id, schema.clone())?;
         self.schemas.insert(id, schema.clone());
-        if schema.table == self.table && !self.connected {
+        if schema.table == self.table && self.target.is_none() && self.flight.is_none() {
             self.target = Some(self.connector.connect(&self.mapper).await?);
-            self.connected = true;
         }
         Ok(schema)
     }
 
     fn batch(&mut self) -> &mut Segment {
         let full = match self.segments.back() {
-            Some(Segment::Batch { coalescer, failed, .. }) => {
-                coalescer.changes() as usize + failed.len() >= self.limits.max_records
-            }
+            Some(s @ Segment::Batch { .. }) => s.changes() >= self.limits.max_records,
             _ => true,
         };
         if full {
@@ -201,10 +191,10 @@ impl<C: Connect> MappedSink<C> {
         match self.segments.front() {
             None => false,
             Some(Segment::Truncate { .. }) => true,
-            Some(Segment::Batch { coalescer, failed, started, .. }) => {
+            Some(s @ Segment::Batch { started, .. }) => {
                 flush
                     || self.segments.len() > 1
-                    || coalescer.changes() as usize + failed.len() >= self.limits.max_records
+                    || s.changes() >= self.limits.max_records
                     || started.elapsed() >= self.limits.max_age
             }
         }

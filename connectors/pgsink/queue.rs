@@ -103,8 +103,8 @@ pub async fn replay(
             // The writer set the refused record aside again, with the new reason.
             Ok(Some(_)) => Outcome::Failed(session.dead.get(id)?.map(|e| e.error).unwrap_or_else(|| "refused".into())),
             Err(message) => {
+                // `put` counts the attempt and keeps the first failure's time.
                 entry.error = message.clone();
-                entry.attempts += 1;
                 entry.last_failed_at = now_text();
                 session.dead.put(entry)?;
                 Outcome::Failed(message)

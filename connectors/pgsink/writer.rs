@@ -10,7 +10,7 @@ use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::Result;
 use crate::mapping::coalesce::Write;
 use crate::mapping::conflict::{decide, Decision, Strategy, TargetState};
-use crate::mapping::context::timestamptz_text;
+use crate::mapping::context::{timestamptz_text, EventView, SchemaIndex};
 use std::sync::Arc;
 use tokio_postgres::Client;
 
@@ -99,16 +99,23 @@ impl Writer {
     /// The source side of newest_wins per item: the declared field, or a delete's commit time.
     fn newest_values(&self, items: &[Item]) -> Option<Vec<Option<String>>> {
         let Strategy::NewestWins { source, .. } = &self.strategy else { return None };
+        // One column index per schema in the batch, not per record.
+        let mut indexes: Vec<Arc<SchemaIndex>> = Vec::new();
         Some(
             items
                 .iter()
                 .map(|item| match item.write {
                     Write::Delete => Some(timestamptz_text(item.record.event.commit_ts_us)),
                     Write::Upsert(_) => {
-                        let ctx = crate::mapping::context::EventView::value(
-                            item.record.event.clone(),
-                            Arc::new(crate::mapping::context::SchemaIndex::new(item.record.schema.clone())),
-                        );
+                        let schema = &item.record.schema;
+                        let index = match indexes.iter().find(|i| Arc::ptr_eq(&i.schema, schema)) {
+                            Some(i) => i.clone(),
+                            None => {
+                                indexes.push(Arc::new(SchemaIndex::new(schema.clone())));
+                                indexes.last().expect("just pushed").clone()
+                            }
+                        };
+                        let ctx = EventView::value(item.record.event.clone(), index);
                         source.expr.eval(&ctx).ok().and_then(|v| super::target::cell_text(&v, false))
                     }
                 })

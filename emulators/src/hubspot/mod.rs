@@ -8,7 +8,7 @@ pub mod objects;
 use crate::ratelimit::{RateLimits, Usage};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
@@ -186,17 +186,15 @@ fn respond(status: u16, body: Option<Value>, usage: Option<Usage>, retry_after: 
 async fn batch_v3(
     State(s): State<Shared>,
     Path((object, op)): Path<(String, String)>,
-    method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    api(s, &format!("/crm/v3/objects/{object}/batch/{op}"), object, op, method, headers, body).await
+    api(s, &format!("/crm/v3/objects/{object}/batch/{op}"), object, op, headers, body).await
 }
 
 async fn batch_dated(
     State(s): State<Shared>,
     Path((version, object, op)): Path<(String, String, String)>,
-    method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -206,19 +204,11 @@ async fn batch_dated(
     if !valid {
         return respond(404, Some(envelope(&format!("Unknown API version {version}"), "OBJECT_NOT_FOUND")), None, None);
     }
-    api(s, &format!("/crm/objects/{version}/{object}/batch/{op}"), object, op, method, headers, body).await
+    api(s, &format!("/crm/objects/{version}/{object}/batch/{op}"), object, op, headers, body).await
 }
 
 /// Every API call: latency, faults, authentication, rate limits, then the operation.
-async fn api(
-    s: Shared,
-    path: &str,
-    object: String,
-    op: String,
-    _method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn api(s: Shared, path: &str, object: String, op: String, headers: HeaderMap, body: Bytes) -> Response {
     let latency = s.lock().expect("account lock").config.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
