@@ -6,3 +6,4 @@
 
 pub mod hubspot;
 pub mod ratelimit;
+pub mod salesforce;
