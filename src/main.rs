@@ -91,6 +91,10 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
                 "  sink {}: hubspot {} object {} from {}, {} requests per 10 s",
                 h.name, h.url, h.object, h.mapping.table, h.rate.ten_second_max
             ),
+            SinkConfig::Salesforce(c) => println!(
+                "  sink {}: salesforce {} object {} from {}, API v{}, Bulk API from {} records a batch",
+                c.name, c.url, c.object, c.mapping.table, c.api_version, c.bulk_threshold
+            ),
         }
     }
     Ok(())
@@ -152,6 +156,12 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 let (dead, parked) = s["name"].as_str().and_then(|n| queues.get(n)).copied().unwrap_or_default();
                 s["dead_letters"] = serde_json::json!(dead);
                 s["conflicts_parked"] = serde_json::json!(parked);
+                if let Some(q) = s["name"].as_str().and_then(|n| sluice::connectors::quota::DailyQuota::read(path, n)) {
+                    s["api_budget"] = serde_json::json!({
+                        "used": q.used, "max": q.max, "runs_out_ms": q.runs_out_ms(),
+                        "parked_until_ms": q.parked_until_ms, "parked_reason": q.parked_reason,
+                    });
+                }
             }
         }
         if let Ok((confirmed, lag)) = &slot {
@@ -181,8 +191,27 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
             "  sink {}: cursor {}, {} behind, {} files, {} rows, {dead} dead letters, {parked} conflicts parked",
             s.name, s.cursor, s.behind_events, s.files_written, s.rows_written
         );
+        if let Some(q) = sluice::connectors::quota::DailyQuota::read(path, &s.name) {
+            println!("    {}", budget_line(&q));
+        }
     }
     Ok(())
+}
+
+/// The API budget of a CRM sink, for `sluice status`.
+fn budget_line(q: &sluice::connectors::quota::QuotaState) -> String {
+    let now = runtime::progress::now_ms();
+    let in_time = |at: u64| humantime::format_duration(std::time::Duration::from_secs(at.saturating_sub(now) / 1000));
+    let mut line = format!("API budget: {} of {} requests used in the current window", q.used, q.max);
+    match (q.parked_until_ms, q.runs_out_ms()) {
+        (Some(until), _) if until > now => {
+            let reason = q.parked_reason.as_deref().unwrap_or("allocation exhausted");
+            line.push_str(&format!("; PARKED ({reason}), next try in {}", in_time(until)));
+        }
+        (_, Some(out)) => line.push_str(&format!("; at the recent rate it runs out in {}", in_time(out))),
+        _ => line.push_str("; not being used up"),
+    }
+    line
 }
 
 /// The slot's confirmed position and how far the server's WAL is ahead of it.

@@ -12,8 +12,7 @@ use std::path::PathBuf;
 /// The pipeline, the chosen mapped sink and the data directory.
 fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, SinkConfig, PathBuf)> {
     let pipeline = load(&args.file)?;
-    let mapped: Vec<&SinkConfig> =
-        pipeline.sinks.iter().filter(|s| matches!(s, SinkConfig::Postgres(_) | SinkConfig::Hubspot(_))).collect();
+    let mapped: Vec<&SinkConfig> = pipeline.sinks.iter().filter(|s| !matches!(s, SinkConfig::Parquet(_))).collect();
     let sink = match (&args.sink, mapped.as_slice()) {
         (Some(name), _) => mapped
             .iter()

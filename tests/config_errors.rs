@@ -179,6 +179,75 @@ const MAPPED: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc
 
 const HUBSPOT: &str = "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: crm\n    type: hubspot\n    url: https://api.hubapi.com\n    token: pat-x\n    object: contacts\n    key: { source: \"{{ after.id }}\", target: sluice_id }\n";
 
+/// A Salesforce sink signing in with the test key (`${file:...}` is resolved at validation).
+fn salesforce(auth: &str) -> String {
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/salesforce-test.key");
+    let auth = auth.replace("KEY", key);
+    format!(
+        "name: ok\nsource:\n  type: postgres\n  url: postgres://cdc@127.0.0.1/cdc\n  tables: [public.t]\nsinks:\n  - name: crm\n    type: salesforce\n    url: https://acme.my.salesforce.com\n    object: Contact\n    auth: {auth}\n    key: {{ source: \"{{{{ after.id }}}}\", target: Ext_Id__c }}\n"
+    )
+}
+
+const SF_JWT: &str = "{ type: jwt, client_id: app, username: u@x.com, private_key: \"${file:KEY}\" }";
+
+#[test]
+fn a_salesforce_sink_validates_and_names_its_mistakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["validate", write(dir.path(), &salesforce(SF_JWT)).to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sink crm: salesforce https://acme.my.salesforce.com object Contact from public.t, API v62.0, Bulk API from 2000 records a batch"), "{stdout}");
+    let cases = [
+        (
+            salesforce("{ type: jwt, client_id: app, username: u@x.com, private_key: not-a-key }"),
+            "auth.private_key: not an RSA private key in PEM",
+            "BEGIN PRIVATE KEY",
+        ),
+        (
+            salesforce("{ type: oauth, client_id: a, client_secret: b, refresh_token: c }"),
+            "auth type `oauth` is not one salesforce sinks take",
+            "`jwt` or `client_credentials`",
+        ),
+        (
+            salesforce("{ type: client_credentials, client_id: a }"),
+            "auth type `client_credentials` needs auth.client_secret",
+            "add `client_secret:`",
+        ),
+        (
+            salesforce("{ type: client_credentials, client_id: a, client_secret: b, username: u }"),
+            "auth.username does not apply to auth type `client_credentials`",
+            "remove auth.username",
+        ),
+        (
+            format!("{}    rate: {{ ten_second_max: 100 }}\n", salesforce(SF_JWT)),
+            "Salesforce has no per-second limit",
+            "rate.daily_max",
+        ),
+        (
+            format!("{}    api_version: \"45.0\"\n", salesforce(SF_JWT)),
+            "api_version `45.0` is not a version from 46.0 on",
+            "\"62.0\"",
+        ),
+        (
+            format!("{}    token: x\n", salesforce(SF_JWT)),
+            "salesforce sinks sign in with `auth:`, not `token:`",
+            "type: jwt",
+        ),
+        (
+            format!("{HUBSPOT}    bulk_threshold: 10\n"),
+            "`bulk_threshold` does not apply to hubspot sinks",
+            "remove `bulk_threshold`",
+        ),
+    ];
+    for (yaml, message, fix) in cases {
+        let (code, err) = validate(&write(dir.path(), &yaml));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(message), "expected `{message}` in:\n{err}");
+        assert!(err.contains(fix), "expected fix `{fix}` in:\n{err}");
+        assert!(err.contains("bad.yaml:"), "{err}");
+    }
+}
+
 #[test]
 fn a_hubspot_sink_validates() {
     let dir = tempfile::tempdir().unwrap();

@@ -158,3 +158,47 @@ async fn throttling_and_server_errors_are_retried_without_loss() {
         assert_eq!(stats[status], count, "{status}: {stats}");
     }
 }
+
+/// An OAuth app's access token expires mid-stream: the sink obtains a new one with the refresh
+/// token once, replays the refused call, and nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_token_that_expires_mid_stream_is_renewed_once() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = hubspot::OAuthApp { client_id: "cid".into(), client_secret: "secret".into(), refresh_token: "rt".into() };
+    let config = Config { tokens: vec![], oauth: Some(app), ..Default::default() };
+    let emulator = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let url = emulator.url();
+    let c = reqwest::Client::new();
+    let props = json!({"properties": {"sluice_id": {"unique": true}}});
+    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
+    let db = TestDb::new("hubspot_oauth").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
+             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, 120) g;",
+        )
+        .await
+        .unwrap();
+    let auth = "    auth: { type: oauth, client_id: cid, client_secret: secret, refresh_token: rt }\n";
+    let yaml = sink(&url, 100).replace(&format!("    token: {TOKEN}\n"), auth);
+    let file = db.pipeline_with_sinks(&["public.customers"], &yaml);
+    let running = Running::start(&file);
+    db.await_streaming(&running).await;
+    support::eventually("the snapshot to land", Duration::from_secs(60), || async {
+        (contacts(&url).await.len() == 120).then_some(())
+    })
+    .await;
+    // HubSpot's access tokens live 30 minutes: move the account's clock past that.
+    c.post(format!("{url}/_emu/clock")).json(&json!({"advance_ms": 31 * 60 * 1000})).send().await.unwrap();
+    db.client.batch_execute("UPDATE customers SET first_name = 'later' WHERE id <= 60").await.unwrap();
+    support::eventually("the updates to land with a new token", Duration::from_secs(60), || async {
+        let all = contacts(&url).await;
+        (all.values().filter(|(_, first, _)| first == "later").count() == 60).then_some(())
+    })
+    .await;
+    running.stop();
+    let stats: Value = c.get(format!("{url}/_emu/stats")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["token_requests"], 2, "{stats}");
+    assert_eq!(stats["status_401"], 1, "{stats}");
+    assert_eq!(contacts(&url).await.len(), 120);
+}

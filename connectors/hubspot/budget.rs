@@ -79,7 +79,8 @@ mod tests {
 
     #[test]
     fn sinks_of_one_account_share_its_budget() {
-        let limits = AccountLimits { ten_second_max: 10, daily_max: 1000 };
+        let limits =
+            AccountLimits { ten_second_max: 10, daily_max: 1000, park_probe: std::time::Duration::from_secs(60) };
         let a = for_account("https://example.test|abc", limits);
         let b = for_account("https://example.test|abc", limits);
         let other = for_account("https://example.test|def", limits);

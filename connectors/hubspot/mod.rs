@@ -2,22 +2,29 @@
 //! `batch/upsert`, and archived for deletes (`batch/read` by the property, then `batch/archive`).
 //! Every input carries its log offset as `objectWriteTraceId`, so a 207 names the inputs HubSpot
 //! refused: those go to the dead-letter queue and the rest of the batch stands. Requests are
-//! spaced by the account's shared budget ([`budget`]); throttling, locks and server errors are
-//! retried, authentication and permission errors stop the pipeline.
+//! spaced by the account's shared budget ([`budget`]) and several are kept in flight, as many
+//! as latency and throttling allow ([`Adaptive`]); throttling, locks and server errors are
+//! retried; an expired OAuth token is renewed once; other authentication and permission errors
+//! stop the pipeline. When the daily allocation is spent the sink parks ([`DailyQuota`]) until
+//! midnight UTC, or `rate.park_probe` if sooner.
 
 pub mod budget;
 
 use crate::config::HubSpotSinkConfig;
+use crate::connectors::aimd::{Adaptive, Round};
 use crate::connectors::mapped::{Applied, Connect, Item, MappedSink, Target};
+use crate::connectors::oauth::Session;
+use crate::connectors::quota::DailyQuota;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
+use futures::StreamExt;
 use minijinja::Value;
 use serde_json::{json, Map, Value as Json};
-use sha2::Digest;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The most inputs one HubSpot batch call takes.
 const BATCH_LIMIT: usize = 100;
@@ -28,13 +35,18 @@ pub type HubSpotSink = MappedSink<HubSpotConnect>;
 /// Builds the HubSpot sink of `cfg`.
 pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<HubSpotSink> {
     let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
-    let connector = HubSpotConnect { dead: EntryStore::dead_letters(log.dir(), &cfg.name), cfg };
+    let connector = HubSpotConnect {
+        dead: EntryStore::dead_letters(log.dir(), &cfg.name),
+        quota: Arc::new(DailyQuota::open(log.dir(), &cfg.name)),
+        cfg,
+    };
     MappedSink::build(&name, mapping, batch, connector, log, cursor).await
 }
 
 pub struct HubSpotConnect {
     cfg: HubSpotSinkConfig,
     dead: EntryStore,
+    quota: Arc<DailyQuota>,
 }
 
 #[async_trait::async_trait]
@@ -42,24 +54,18 @@ impl Connect for HubSpotConnect {
     type Target = HubSpotTarget;
 
     async fn connect(&self, mapper: &Mapper) -> Result<HubSpotTarget> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::config(format!("TLS: {e}")))?
-            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
-            .with_no_client_auth();
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .map_err(|e| Error::config(format!("HTTP client: {e}")))?;
-        // The budget is per account: the same base URL and token share one.
-        let digest = hex::encode(&sha2::Sha256::digest(self.cfg.token.expose().as_bytes())[..8]);
-        let budget = budget::for_account(&format!("{}|{digest}", self.cfg.url), self.cfg.rate);
+        let http = crate::connectors::http::client()?;
+        let session = Session::new(http.clone(), self.cfg.auth.grant(&format!("{}/oauth/v1/token", self.cfg.url))?);
+        // The budget is per account: the same base URL and credentials share one.
+        let budget = budget::for_account(&format!("{}|{}", self.cfg.url, self.cfg.auth.account_key()), self.cfg.rate);
         let id_property = mapper.key_names().first().cloned().unwrap_or_default();
         Ok(HubSpotTarget {
             http,
             base: format!("{}/crm/v3/objects/{}", self.cfg.url, self.cfg.object),
-            token: self.cfg.token.expose().to_string(),
+            session,
+            quota: self.quota.clone(),
+            park_probe: self.cfg.rate.park_probe,
+            adaptive: Mutex::new(Adaptive::new(BATCH_LIMIT, 8, Duration::from_secs(5))),
             sink: self.cfg.name.clone(),
             id_property,
             fields: mapper.field_names().to_vec(),
@@ -73,7 +79,11 @@ pub struct HubSpotTarget {
     http: reqwest::Client,
     /// `{url}/crm/v3/objects/{object}`.
     base: String,
-    token: String,
+    session: Session,
+    quota: Arc<DailyQuota>,
+    park_probe: Duration,
+    /// How many calls are kept in flight, adapted after every batch.
+    adaptive: Mutex<Adaptive>,
     sink: String,
     id_property: String,
     fields: Vec<String>,
@@ -84,46 +94,66 @@ pub struct HubSpotTarget {
 impl HubSpotTarget {
     /// One API call within the account's budget; the status and body, or a classified error.
     async fn call(&self, op: &str, body: &Json) -> Result<(u16, Json)> {
-        self.budget.ready().await;
-        let response = self
-            .http
-            .post(format!("{}/batch/{op}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| Error::retryable(format!("hubspot {op}"), e))?;
-        let status = response.status().as_u16();
-        let remaining =
-            response.headers().get("x-hubspot-ratelimit-remaining").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let retry_after =
-            response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        // The window is full (by the header, or a 429): no request until it has passed. A
-        // Retry-After (423, 477) holds the account's requests as long as it says.
-        match (status, retry_after) {
-            (_, Some(secs)) if status >= 400 => self.budget.pause(std::time::Duration::from_secs(secs)),
-            (429, None) => self.budget.pause(budget::INTERVAL),
-            _ if remaining == Some(0) => self.budget.pause(budget::INTERVAL),
-            _ => {}
-        }
-        let text = response.text().await.map_err(|e| Error::retryable(format!("hubspot {op}"), e))?;
-        let body: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
         let context = format!("hubspot {op}");
-        let detail = || {
-            let category = body.get("category").or(body.get("policyName")).and_then(Json::as_str).unwrap_or("");
-            let message = body.get("message").and_then(Json::as_str).unwrap_or(&text);
-            format!("{status} {category}: {message}")
-        };
-        match status {
-            200..=299 => Ok((status, body)),
-            400 => Ok((status, body)),
-            401 | 403 => Err(Error::config(format!("{context}: {} (check the token and its scopes)", detail()))),
-            404 => Err(Error::config(format!("{context}: {} (check the object name)", detail()))),
-            429 | 423 | 477 | 500..=599 => {
-                let wait = retry_after.map(|s| format!(", Retry-After {s}s")).unwrap_or_default();
-                Err(Error::retryable(context, format!("{}{wait}", detail())))
+        let mut token = self.session.token().await?;
+        let mut renewed = false;
+        loop {
+            self.quota.ready().await?;
+            self.budget.ready().await;
+            let response = self
+                .http
+                .post(format!("{}/batch/{op}", self.base))
+                .bearer_auth(token.access.expose())
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| Error::retryable(&context, e))?;
+            let status = response.status().as_u16();
+            let header =
+                |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+            let remaining = header("x-hubspot-ratelimit-remaining");
+            let retry_after = header("retry-after");
+            if let (Some(max), Some(left)) =
+                (header("x-hubspot-ratelimit-daily"), header("x-hubspot-ratelimit-daily-remaining"))
+            {
+                self.quota.observe(max.saturating_sub(left), max)?;
             }
-            _ => Err(Error::permanent(context, detail())),
+            // The window is full (by the header, or a 429): no request until it has passed. A
+            // Retry-After (423, 477) holds the account's requests as long as it says.
+            match (status, retry_after) {
+                (_, Some(secs)) if status >= 400 => self.budget.pause(Duration::from_secs(secs)),
+                (429, None) => self.budget.pause(budget::INTERVAL),
+                _ if remaining == Some(0) => self.budget.pause(budget::INTERVAL),
+                _ => {}
+            }
+            let text = response.text().await.map_err(|e| Error::retryable(&context, e))?;
+            let body: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+            let category = body.get("category").or(body.get("policyName")).and_then(Json::as_str).unwrap_or("");
+            let detail = || {
+                let message = body.get("message").and_then(Json::as_str).unwrap_or(&text);
+                format!("{status} {category}: {message}")
+            };
+            match status {
+                200..=299 | 400 => return Ok((status, body)),
+                401 if !renewed && category == "EXPIRED_AUTHENTICATION" => {
+                    renewed = true;
+                    token = self.session.renew(&token).await?;
+                }
+                401 | 403 => {
+                    return Err(Error::config(format!("{context}: {} (check the token and its scopes)", detail())))
+                }
+                404 => return Err(Error::config(format!("{context}: {} (check the object name)", detail()))),
+                429 if category == "DAILY" => {
+                    self.quota
+                        .park(daily_reset().min(SystemTime::now() + self.park_probe), "hubspot daily limit reached")?;
+                    return Err(Error::retryable(context, format!("{} (parked)", detail())));
+                }
+                429 | 423 | 477 | 500..=599 => {
+                    let wait = retry_after.map(|s| format!(", Retry-After {s}s")).unwrap_or_default();
+                    return Err(Error::retryable(context, format!("{}{wait}", detail())));
+                }
+                _ => return Err(Error::permanent(context, detail())),
+            }
         }
     }
 
@@ -219,11 +249,38 @@ impl Target for HubSpotTarget {
         let mut applied = Applied::default();
         let (upserts, deletes): (Vec<&Item>, Vec<&Item>) =
             items.iter().partition(|i| matches!(i.write, Write::Upsert(_)));
-        // Coalescing left one item per key, so ids are unique within each call, as HubSpot requires.
+        // Coalescing left one item per key, so ids are unique within each call, as HubSpot requires,
+        // and the calls of one batch can be in flight together.
+        let concurrency = self.adaptive.lock().expect("adaptive lock").concurrency.get();
+        let this = &*self;
+        let mut pending = Vec::new();
         for chunk in upserts.chunks(BATCH_LIMIT) {
-            let written = self.upsert(chunk).await?;
-            applied.upserted += written;
-            applied.rejected += chunk.len() as u64 - written;
+            pending.push(async move {
+                let started = Instant::now();
+                let written = this.upsert(chunk).await;
+                (started.elapsed(), chunk.len() as u64, written)
+            });
+        }
+        let mut calls = futures::stream::iter(pending).buffer_unordered(concurrency);
+        let mut round = Round::default();
+        let mut failure = None;
+        while let Some((took, sent, written)) = calls.next().await {
+            round.slowest = round.slowest.max(took);
+            match written {
+                Ok(n) => {
+                    applied.upserted += n;
+                    applied.rejected += sent - n;
+                }
+                Err(e) => {
+                    round.throttled = true;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        drop(calls);
+        self.adaptive.lock().expect("adaptive lock").after_round(round);
+        if let Some(e) = failure {
+            return Err(e);
         }
         for chunk in deletes.chunks(BATCH_LIMIT) {
             applied.deleted += self.archive(chunk).await?;
@@ -237,4 +294,11 @@ impl Target for HubSpotTarget {
         tracing::warn!(sink = %self.sink, "source table truncated; HubSpot records are left as they are");
         Ok(())
     }
+}
+
+/// The next midnight UTC, when HubSpot's daily limit resets (in the account's time zone, which
+/// the API does not report; parking never runs past `rate.park_probe` anyway).
+fn daily_reset() -> SystemTime {
+    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    std::time::UNIX_EPOCH + Duration::from_secs(now - now % 86_400 + 86_400)
 }

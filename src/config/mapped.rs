@@ -17,13 +17,10 @@ pub(super) fn postgres_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Resu
     let kind = "postgres";
     only_for(cx, &name, kind, "object", raw.object.as_ref())?;
     only_for(cx, &name, kind, "token", raw.token.as_ref())?;
-    only_for(
-        cx,
-        &name,
-        kind,
-        "rate",
-        raw.rate.as_ref().and_then(|r| r.ten_second_max.as_ref().or(r.daily_max.as_ref())),
-    )?;
+    only_for(cx, &name, kind, "rate", raw.rate.as_ref().map(|_| &raw.name))?;
+    only_for(cx, &name, kind, "auth", raw.auth.as_ref().map(|a| &a.kind))?;
+    only_for(cx, &name, kind, "api_version", raw.api_version.as_ref())?;
+    only_for(cx, &name, kind, "bulk_threshold", raw.bulk_threshold.as_ref())?;
     no_parquet_keys(cx, &name, kind, &raw)?;
     let url = cx.resolve("url", &raw.url)?;
     let mut conn = parse_pg_url(&url).map_err(|m| {
@@ -65,7 +62,7 @@ pub(super) fn postgres_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Resu
 }
 
 /// Refuses the keys that only Parquet sinks have.
-fn no_parquet_keys(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -> Result<(), ConfigError> {
+pub(super) fn no_parquet_keys(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -> Result<(), ConfigError> {
     only_for(cx, name, kind, "unbounded_numeric", raw.unbounded_numeric.as_ref())?;
     only_for(cx, name, kind, "partition_by", raw.partition_by.as_ref())?;
     if raw.s3.is_some() || raw.roll.is_some() {
@@ -234,7 +231,7 @@ fn strategy(
     Ok(strategy)
 }
 
-fn batch(cx: &Ctx, raw: &RawSink, default_records: usize) -> Result<BatchLimits, ConfigError> {
+pub(super) fn batch(cx: &Ctx, raw: &RawSink, default_records: usize) -> Result<BatchLimits, ConfigError> {
     let mut limits = BatchLimits { max_records: default_records, max_age: Duration::from_secs(1) };
     if let Some(b) = &raw.batch {
         if let Some(n) = &b.max_records {
@@ -248,78 +245,4 @@ fn batch(cx: &Ctx, raw: &RawSink, default_records: usize) -> Result<BatchLimits,
         }
     }
     Ok(limits)
-}
-
-pub(super) fn hubspot_sink(cx: &Ctx, raw: RawSink, sources: &[TableId]) -> Result<HubSpotSinkConfig, ConfigError> {
-    let name = sink_name(cx, &raw)?;
-    let kind = "hubspot";
-    only_for(cx, &name, kind, "table", raw.table.as_ref())?;
-    only_for(cx, &name, kind, "version", raw.version.as_ref())?;
-    no_parquet_keys(cx, &name, kind, &raw)?;
-    if let Some(c) = &raw.conflict {
-        if c.strategy.value.trim() != "source_wins" {
-            return Err(cx.err(
-                &c.strategy,
-                format!("sink {name}: conflict strategy `{}` is not supported for hubspot sinks yet", c.strategy.value),
-                "use `source_wins` (or remove `conflict:`)",
-            ));
-        }
-    }
-    let url = cx.resolve("url", &raw.url)?.trim_end_matches('/').to_string();
-    if !(url.starts_with("https://") || url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost")) {
-        return Err(cx.err(
-            &raw.url,
-            format!("sink {name}: url `{url}` is neither https:// nor a loopback http:// address"),
-            "use https://api.hubapi.com (or an emulator on http://127.0.0.1:PORT)",
-        ));
-    }
-    let token = match &raw.token {
-        Some(t) => Secret::new(cx.resolve("token", t)?),
-        None => {
-            return Err(cx.err(
-                &raw.name,
-                format!("sink {name}: a hubspot sink needs `token:`"),
-                "add `token: ${env:HUBSPOT_TOKEN}` (a private-app token)",
-            ))
-        }
-    };
-    let object = match &raw.object {
-        Some(o) if !o.value.trim().is_empty() => o.value.trim().to_string(),
-        _ => {
-            return Err(cx.err(
-                &raw.name,
-                format!("sink {name}: a hubspot sink needs `object:`"),
-                "add e.g. `object: contacts`",
-            ))
-        }
-    };
-    if raw.key.is_none() {
-        return Err(cx.err(
-            &raw.name,
-            format!("sink {name}: a hubspot sink needs `key:` naming the unique property records are upserted by"),
-            "add e.g. `key: { source: \"{{ after.id }}\", target: sluice_id }` (sluice_id must be a unique property)",
-        ));
-    }
-    let mapping = mapping(cx, &name, &raw, sources)?;
-    let batch = batch(cx, &raw, 100)?;
-    let mut rate = AccountLimits { ten_second_max: 100, daily_max: 250_000 };
-    if let Some(r) = &raw.rate {
-        if let Some(n) = &r.ten_second_max {
-            if n.value == 0 || n.value > u32::MAX as u64 {
-                return Err(cx.err(
-                    n,
-                    "rate.ten_second_max: must be at least 1",
-                    "use the account's limit, e.g. 100 or 190",
-                ));
-            }
-            rate.ten_second_max = n.value as u32;
-        }
-        if let Some(n) = &r.daily_max {
-            if n.value == 0 {
-                return Err(cx.err(n, "rate.daily_max: must be at least 1", "use the account's limit, e.g. 250000"));
-            }
-            rate.daily_max = n.value;
-        }
-    }
-    Ok(HubSpotSinkConfig { name, url, token, object, mapping, batch, rate })
 }

@@ -99,6 +99,7 @@ pub enum SinkConfig {
     Parquet(ParquetSinkConfig),
     Postgres(PostgresSinkConfig),
     Hubspot(HubSpotSinkConfig),
+    Salesforce(SalesforceSinkConfig),
 }
 
 impl SinkConfig {
@@ -107,6 +108,7 @@ impl SinkConfig {
             SinkConfig::Parquet(p) => &p.name,
             SinkConfig::Postgres(p) => &p.name,
             SinkConfig::Hubspot(p) => &p.name,
+            SinkConfig::Salesforce(p) => &p.name,
         }
     }
 }
@@ -117,8 +119,8 @@ pub struct HubSpotSinkConfig {
     pub name: String,
     /// The API's base URL (`https://api.hubapi.com`, or an emulator's).
     pub url: String,
-    /// A private-app token.
-    pub token: Secret,
+    /// A private-app token or an OAuth app's refresh token.
+    pub auth: CrmAuth,
     /// The object type: contacts, companies, deals, or a custom object's name.
     pub object: String,
     /// The mapping; its key's target is the `idProperty` (a unique property).
@@ -134,6 +136,43 @@ pub struct AccountLimits {
     pub ten_second_max: u32,
     /// Requests per day.
     pub daily_max: u64,
+    /// How long a sink parks when the daily allocation is exhausted before trying again
+    /// (at most until the window resets).
+    pub park_probe: Duration,
+}
+
+/// How a CRM sink signs in.
+#[derive(Debug, Clone)]
+pub enum CrmAuth {
+    /// A token that does not expire (HubSpot private app).
+    Token(Secret),
+    /// An OAuth app's refresh token (HubSpot).
+    RefreshToken { client_id: String, client_secret: Secret, refresh_token: Secret },
+    /// Salesforce JWT bearer flow: the connected app's consumer key, the integration user and
+    /// the certificate's private key (PEM).
+    Jwt { client_id: String, username: String, private_key: Secret, audience: String },
+    /// Salesforce client-credentials flow (My Domain host).
+    ClientCredentials { client_id: String, client_secret: Secret },
+}
+
+/// Salesforce sObjects kept as a mapped mirror of a source table.
+#[derive(Debug, Clone)]
+pub struct SalesforceSinkConfig {
+    pub name: String,
+    /// The login or My Domain host the token comes from (`https://acme.my.salesforce.com`).
+    pub url: String,
+    pub auth: CrmAuth,
+    /// REST API version, e.g. `62.0`.
+    pub api_version: String,
+    /// The sObject type (Contact, Account, a custom `X__c`).
+    pub object: String,
+    /// The mapping; its key's target is the external ID field.
+    pub mapping: MappingConfig,
+    pub batch: BatchLimits,
+    /// Batches with at least this many upserts go through Bulk API 2.0.
+    pub bulk_threshold: usize,
+    /// Parking time when the org's daily allocation is exhausted.
+    pub park_probe: Duration,
 }
 
 /// A table in another PostgreSQL database, kept as a mapped mirror of a source table.

@@ -70,6 +70,7 @@ pub enum SinkKind {
     Parquet,
     Postgres,
     Hubspot,
+    Salesforce,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +117,34 @@ pub struct RawSink {
     /// CRM sinks: the destination account's rate limits.
     #[serde(default)]
     pub rate: Option<RawRate>,
+    /// CRM sinks: how sluice signs in (instead of `token`).
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+    /// Salesforce: the REST API version, e.g. "62.0".
+    #[serde(default)]
+    pub api_version: Option<Spanned<String>>,
+    /// Salesforce: batches of at least this many upserts go through Bulk API 2.0.
+    #[serde(default)]
+    pub bulk_threshold: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub client_id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub client_secret: Option<Spanned<String>>,
+    #[serde(default)]
+    pub refresh_token: Option<Spanned<String>>,
+    #[serde(default)]
+    pub username: Option<Spanned<String>>,
+    #[serde(default)]
+    pub private_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub audience: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +154,9 @@ pub struct RawRate {
     pub ten_second_max: Option<Spanned<u64>>,
     #[serde(default)]
     pub daily_max: Option<Spanned<u64>>,
+    /// How long a sink parks when the daily allocation is exhausted, before trying again.
+    #[serde(default)]
+    pub park_probe: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

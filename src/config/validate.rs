@@ -125,7 +125,8 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         let sink = match sink.kind.value {
             SinkKind::Parquet => SinkConfig::Parquet(parquet_sink(&cx, sink)?),
             SinkKind::Postgres => SinkConfig::Postgres(super::mapped::postgres_sink(&cx, sink, &source_tables)?),
-            SinkKind::Hubspot => SinkConfig::Hubspot(super::mapped::hubspot_sink(&cx, sink, &source_tables)?),
+            SinkKind::Hubspot => SinkConfig::Hubspot(super::crm::hubspot_sink(&cx, sink, &source_tables)?),
+            SinkKind::Salesforce => SinkConfig::Salesforce(super::crm::salesforce_sink(&cx, sink, &source_tables)?),
         };
         sinks.push(sink);
     }
@@ -310,6 +311,10 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
     only_for(cx, &name, "parquet", "conflict", raw.conflict.as_ref().map(|c| &c.strategy))?;
     only_for(cx, &name, "parquet", "object", raw.object.as_ref())?;
     only_for(cx, &name, "parquet", "token", raw.token.as_ref())?;
+    only_for(cx, &name, "parquet", "auth", raw.auth.as_ref().map(|a| &a.kind))?;
+    only_for(cx, &name, "parquet", "api_version", raw.api_version.as_ref())?;
+    only_for(cx, &name, "parquet", "bulk_threshold", raw.bulk_threshold.as_ref())?;
+    only_for(cx, &name, "parquet", "rate", raw.rate.as_ref().map(|_| &raw.name))?;
     if raw.batch.is_some() {
         return Err(cx.err(
             &raw.name,

@@ -11,7 +11,7 @@ pub use shutdown::Shutdown;
 use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
 use crate::connectors::parquet::ParquetSink;
 use crate::connectors::postgres::PostgresSource;
-use crate::connectors::{hubspot, pgsink};
+use crate::connectors::{hubspot, pgsink, salesforce};
 use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
 use progress::{SinkStatus, SourceProgress};
@@ -101,6 +101,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                 pgsink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
             }
             SinkConfig::Hubspot(h) => hubspot::build(h, log.clone(), cursor).await.map(|s| Box::new(s) as _),
+            SinkConfig::Salesforce(c) => salesforce::build(c, log.clone(), cursor).await.map(|s| Box::new(s) as _),
         };
         let sink = built.map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("sink {name}: {m}")),

@@ -356,6 +356,7 @@ async fn create_job(State(s): State<Arc<Shared>>, Path(ver): Path<String>, Json(
         return job_error("InvalidJob : columnDelimiter is not one of COMMA, TAB, SEMICOLON, PIPE, CARET, BACKQUOTE");
     };
     org.serial += 1;
+    org.count("bulk_jobs");
     let id = super::store::record_id("750", org.serial);
     let job = Job {
         id: id.clone(),
