@@ -4,7 +4,9 @@ use crate::cli::{ConflictCommand, DlqCommand, QueueArgs, TakeSide};
 use crate::{load, runtime};
 use anyhow::{bail, Context};
 use sluice::config::{Pipeline, PostgresSinkConfig, SinkConfig, TransportConfig};
-use sluice::connectors::pgsink::queue::{self, Outcome, Take};
+use sluice::connectors::mapped::replay::{self, Outcome};
+use sluice::connectors::pgsink::queue::{self, Take};
+use sluice::connectors::{hubspot, salesforce};
 use sluice::deadletter::{Entry, EntryStore};
 use sluice::mapping::context::convert;
 use std::path::PathBuf;
@@ -29,14 +31,35 @@ fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, SinkConfig, PathBuf)> {
     Ok((pipeline, sink, dir))
 }
 
-/// Replaying and resolving write through the sink's target; PostgreSQL sinks only so far.
+/// Resolving conflicts reads and writes the target's records: PostgreSQL sinks only so far.
 fn postgres(sink: &SinkConfig) -> anyhow::Result<&PostgresSinkConfig> {
     match sink {
         SinkConfig::Postgres(p) => Ok(p),
-        other => {
-            bail!("sink {}: replay and conflict resolution are supported for postgres sinks only so far", other.name())
-        }
+        other => bail!("sink {}: conflicts are parked by postgres sinks only", other.name()),
     }
+}
+
+/// Replays dead letters through the sink's own target.
+fn replay(
+    pipeline: &Pipeline,
+    sink: &SinkConfig,
+    dir: &std::path::Path,
+    ids: &[u64],
+) -> anyhow::Result<Vec<(u64, Outcome)>> {
+    let store = EntryStore::dead_letters(dir, sink.name());
+    let outcomes = runtime()?.block_on(async {
+        match sink {
+            SinkConfig::Postgres(p) => queue::replay(p, &pipeline.name, dir, ids).await,
+            SinkConfig::Hubspot(h) => {
+                replay::replay(&hubspot::connector(h.clone(), dir), h.mapping.clone(), &store, ids).await
+            }
+            SinkConfig::Salesforce(c) => {
+                replay::replay(&salesforce::connector(c.clone(), dir), c.mapping.clone(), &store, ids).await
+            }
+            SinkConfig::Parquet(_) => unreachable!("parquet sinks have no queues"),
+        }
+    })?;
+    Ok(outcomes)
 }
 
 pub fn dlq(action: DlqCommand) -> anyhow::Result<()> {
@@ -51,13 +74,12 @@ pub fn dlq(action: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Replay { queue, ids, all } => {
             let (pipeline, sink, dir) = open(&queue)?;
-            let sink = postgres(&sink)?;
-            let store = EntryStore::dead_letters(&dir, &sink.name);
+            let store = EntryStore::dead_letters(&dir, sink.name());
             let ids = if all { store.ids()? } else { ids };
             if ids.is_empty() {
                 bail!("no records to replay: give ids (see `sluice dlq list`) or --all");
             }
-            let outcomes = runtime()?.block_on(queue::replay(sink, &pipeline.name, &dir, &ids))?;
+            let outcomes = replay(&pipeline, &sink, &dir, &ids)?;
             report(&outcomes, "replayed")
         }
         DlqCommand::Drop { queue, ids, all } => {

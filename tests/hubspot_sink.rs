@@ -202,3 +202,45 @@ async fn an_oauth_token_that_expires_mid_stream_is_renewed_once() {
     assert_eq!(stats["status_401"], 1, "{stats}");
     assert_eq!(contacts(&url).await.len(), 120);
 }
+
+/// The daily limit runs out (a 429 naming the DAILY policy): the sink parks instead of
+/// hammering the API, `sluice status` says so, and it resumes once the allocation is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_limit_parks_the_sink_until_it_is_back() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Config { tokens: vec![TOKEN.into()], daily_max: 2, ..Default::default() };
+    let emulator = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let url = emulator.url();
+    let c = reqwest::Client::new();
+    let props = json!({"properties": {"sluice_id": {"unique": true}}});
+    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
+    let db = TestDb::new("hubspot_daily").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
+             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let yaml =
+        sink(&url, 100).replace("rate: { ten_second_max: 100 }", "rate: { ten_second_max: 100, park_probe: 1s }");
+    let file = db.pipeline_with_sinks(&["public.customers"], &yaml);
+    let running = Running::start(&file);
+    let status = support::eventually("`sluice status` to show the park", Duration::from_secs(60), || async {
+        let out = sluice(&["status", file.to_str().unwrap()], file.parent().unwrap());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("PARKED").then_some(text)
+    })
+    .await;
+    assert!(
+        status.contains("API budget: 2 of 2 requests used") && status.contains("hubspot daily limit reached"),
+        "{status}"
+    );
+    assert_eq!(contacts(&url).await.len(), 40, "two calls of 20 before the limit");
+    c.post(format!("{url}/_emu/limits")).json(&json!({"daily_max": 1000})).send().await.unwrap();
+    support::eventually("the rest to land", Duration::from_secs(60), || async {
+        (contacts(&url).await.len() == 100).then_some(())
+    })
+    .await;
+    running.stop();
+}

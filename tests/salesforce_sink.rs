@@ -146,9 +146,9 @@ async fn a_table_mirrors_into_salesforce_with_bulk_snapshot_dead_letters_and_no_
     run_until_idle(&file);
 
     let actual = contacts(&e).await;
-    let expected = expected(&db, &[7, 100000]).await;
-    assert_eq!(actual.len(), expected.len());
-    assert_eq!(actual, expected);
+    let wanted = expected(&db, &[7, 100000]).await;
+    assert_eq!(actual.len(), wanted.len());
+    assert_eq!(actual, wanted);
     let listed = dlq_list(&file);
     assert!(
         listed.contains("key=[7]") && listed.contains("key=[100000]") && listed.contains("STRING_TOO_LONG"),
@@ -157,6 +157,15 @@ async fn a_table_mirrors_into_salesforce_with_bulk_snapshot_dead_letters_and_no_
     let stats = stats(&e).await;
     assert!(stats["bulk_jobs"].as_u64().unwrap() >= 3, "the snapshot went through Bulk API: {stats}");
     assert_eq!(stats["status_401"], Value::Null, "{stats}");
+
+    // The org's admin widens the field: a replay of the queue now lands both records.
+    let wider = json!({"external_ids": ["Ext_Id__c"], "required": ["LastName"], "max_length": {"Email": 80},
+        "fields": ["Email", "FirstName", "LastName"]});
+    control(&e, "sobjects/Contact", wider).await;
+    let out = sluice(&["dlq", "replay", file.to_str().unwrap(), "--all"], file.parent().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dlq_list(&file).contains("key="), "the queue is empty after the replay");
+    assert_eq!(contacts(&e).await, expected(&db, &[]).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,12 +35,17 @@ pub type HubSpotSink = MappedSink<HubSpotConnect>;
 /// Builds the HubSpot sink of `cfg`.
 pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<HubSpotSink> {
     let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
-    let connector = HubSpotConnect {
-        dead: EntryStore::dead_letters(log.dir(), &cfg.name),
-        quota: Arc::new(DailyQuota::open(log.dir(), &cfg.name)),
-        cfg,
-    };
+    let connector = connector(cfg, log.dir());
     MappedSink::build(&name, mapping, batch, connector, log, cursor).await
+}
+
+/// The sink's connector, for the running sink and for `sluice dlq replay`.
+pub fn connector(cfg: HubSpotSinkConfig, data_dir: &std::path::Path) -> HubSpotConnect {
+    HubSpotConnect {
+        dead: EntryStore::dead_letters(data_dir, &cfg.name),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name)),
+        cfg,
+    }
 }
 
 pub struct HubSpotConnect {

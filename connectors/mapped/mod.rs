@@ -9,6 +9,7 @@
 //! [`Target`] (writes one batch, one item per key).
 
 mod flight;
+pub mod replay;
 
 use crate::config::BatchLimits;
 use crate::deadletter::{Entry, EntryStore, Reason};

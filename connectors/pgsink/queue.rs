@@ -15,16 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio_postgres::Client;
 
-/// What happened to one entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Written (or, when the current mapping skips it, nothing to write); the entry is gone.
-    Done,
-    /// Failed again; the entry stays with the new error and one more attempt.
-    Failed(String),
-    /// No such entry.
-    Missing,
-}
+pub use crate::connectors::mapped::replay::Outcome;
 
 /// Which side an operator takes for a parked conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,12 +41,17 @@ pub type SalesforceSink = MappedSink<SalesforceConnect>;
 /// Builds the Salesforce sink of `cfg`.
 pub async fn build(cfg: SalesforceSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<SalesforceSink> {
     let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
-    let connector = SalesforceConnect {
-        dead: EntryStore::dead_letters(log.dir(), &cfg.name),
-        quota: Arc::new(DailyQuota::open(log.dir(), &cfg.name)),
-        cfg,
-    };
+    let connector = connector(cfg, log.dir());
     MappedSink::build(&name, mapping, batch, connector, log, cursor).await
+}
+
+/// The sink's connector, for the running sink and for `sluice dlq replay`.
+pub fn connector(cfg: SalesforceSinkConfig, data_dir: &std::path::Path) -> SalesforceConnect {
+    SalesforceConnect {
+        dead: EntryStore::dead_letters(data_dir, &cfg.name),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name)),
+        cfg,
+    }
 }
 
 pub struct SalesforceConnect {

@@ -193,7 +193,8 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
             ))
         }
     };
-    let default_name = format!("sluice_{}", pipeline.replace('-', "_"));
+    // PostgreSQL names slots with lower-case letters, digits and `_` only.
+    let default_name = format!("sluice_{}", pipeline.to_ascii_lowercase().replace('-', "_"));
     let slot = ident(cx, "source.slot", raw.slot.as_ref(), &default_name)?;
     let publication = ident(cx, "source.publication", raw.publication.as_ref(), &default_name)?;
     let heartbeat = match &raw.heartbeat {

@@ -410,7 +410,8 @@ async fn advance_clock(State(s): State<Shared>, Json(body): Json<Value>) -> Stat
     StatusCode::NO_CONTENT
 }
 
-/// `GET /_emu/stats`: request counts by status, throttles by policy, token requests.
+/// `GET /_emu/stats`: request counts by status, throttles by policy, token requests, live
+/// records per object.
 async fn stats(State(s): State<Shared>) -> Json<Value> {
     let a = s.lock().expect("account lock");
     let mut out = serde_json::Map::new();
@@ -418,6 +419,9 @@ async fn stats(State(s): State<Shared>) -> Json<Value> {
         out.insert(k.clone(), json!(v));
     }
     out.insert("daily_reset_in_ms".into(), json!(a.limits.daily_reset_in(a.now_ms())));
+    for (name, o) in &a.objects {
+        out.insert(format!("records_{name}"), json!(o.records.values().filter(|r| !r.archived).count()));
+    }
     Json(Value::Object(out))
 }
 

@@ -357,7 +357,8 @@ async fn list_records(
     Json(Value::Array(records))
 }
 
-/// `POST /_emu/sobjects/{object}` `{"external_ids": [..], "required": [..], "max_length": {..}, "fields": [..]}`.
+/// `POST /_emu/sobjects/{object}` `{"external_ids": [..], "required": [..], "max_length": {..},
+/// "fields": [..]}`: the object's shape (its records stay).
 async fn define_object(
     State(s): State<Arc<Shared>>,
     axum::extract::Path(object): axum::extract::Path<String>,
@@ -384,7 +385,7 @@ async fn define_object(
             .collect(),
         fields: body.get("fields").map(|_| strings("fields").into_iter().collect()),
     };
-    s.org().objects.insert(object, SObjectType::new(schema));
+    s.org().objects.entry(object).or_default().set_schema(schema);
     StatusCode::NO_CONTENT
 }
 
@@ -468,10 +469,13 @@ async fn advance_clock(State(s): State<Arc<Shared>>, Json(body): Json<Value>) ->
     StatusCode::NO_CONTENT
 }
 
-/// `GET /_emu/stats`: request counts by status and kind, and the rolling usage.
+/// `GET /_emu/stats`: request counts by status and kind, the rolling usage, records per object.
 async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
     let mut org = s.org();
     let mut out: serde_json::Map<String, Value> = org.stats.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     out.insert("api_usage".into(), json!(org.usage()));
+    for (name, o) in &org.objects {
+        out.insert(format!("records_{name}"), json!(o.records.len()));
+    }
     Json(Value::Object(out))
 }

@@ -111,6 +111,17 @@ impl SObjectType {
         Self { schema, ..Default::default() }
     }
 
+    /// Replaces the object's shape, keeping its records.
+    pub fn set_schema(&mut self, schema: Schema) {
+        self.schema = schema;
+        self.index.clear();
+        let records: Vec<(String, Map<String, Value>)> =
+            self.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (id, record) in &records {
+            self.reindex(id, None, Some(record));
+        }
+    }
+
     /// Checks `fields` against the schema; `creating` adds the required-field check.
     fn validate(&self, fields: &Map<String, Value>, creating: bool) -> Result<(), RecordError> {
         if creating {
