@@ -2,12 +2,14 @@
 //! `Sforce-Limit-Info`, HubSpot's `X-HubSpot-RateLimit-Daily*`), and the sink's parking when
 //! it is exhausted: instead of failing, the sink stops calling the API until the window frees
 //! up, and says so in a file `sluice status` reads. The park survives a restart, so a restarted
-//! process does not spend the first minutes of a new window hammering a closed one.
+//! process does not spend the first minutes of a new window hammering a closed one. Sinks
+//! writing to one account share its state, so one sink's park holds the others too.
 
 use crate::error::{Error, Result};
+use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the account's allocation looked like at the last call.
@@ -37,10 +39,14 @@ impl QuotaState {
     }
 }
 
+/// The state of every account this process writes to.
+static ACCOUNTS: LazyLock<DashMap<String, Arc<Mutex<QuotaState>>>> = LazyLock::new(DashMap::new);
+
 /// One sink's view of its account's allocation.
 pub struct DailyQuota {
+    /// This sink's copy of the state, for `sluice status`.
     file: PathBuf,
-    state: Mutex<QuotaState>,
+    state: Arc<Mutex<QuotaState>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -53,11 +59,21 @@ const WRITE_EVERY_MS: u64 = 1_000;
 const RATE_WINDOW_MS: u64 = 60_000;
 
 impl DailyQuota {
-    /// The quota of sink `sink` of the pipeline whose data lives in `dir`, with its park, if any.
-    pub fn open(dir: &Path, sink: &str) -> Self {
+    /// The quota of sink `sink` of the pipeline whose data lives in `dir`, writing to `account`
+    /// (shared with the account's other sinks), with the park its file holds, if any.
+    pub fn open(dir: &Path, sink: &str, account: &str) -> Self {
         let file = Self::path(dir, sink);
-        let state = Self::read(dir, sink).unwrap_or_default();
-        Self { file, state: Mutex::new(state) }
+        let saved = Self::read(dir, sink).unwrap_or_default();
+        let state =
+            ACCOUNTS.entry(account.to_string()).or_insert_with(|| Arc::new(Mutex::new(QuotaState::default()))).clone();
+        {
+            // A park written by an earlier run (of this sink) still holds.
+            let mut s = state.lock().expect("quota lock");
+            if saved.parked_until_ms > s.parked_until_ms {
+                (s.parked_until_ms, s.parked_reason) = (saved.parked_until_ms, saved.parked_reason);
+            }
+        }
+        Self { file, state }
     }
 
     fn path(dir: &Path, sink: &str) -> PathBuf {
@@ -154,6 +170,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sinks_of_one_account_share_a_park() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DailyQuota::open(dir.path(), "a", "test-account-shared");
+        let b = DailyQuota::open(dir.path(), "b", "test-account-shared");
+        let other = DailyQuota::open(dir.path(), "c", "test-account-other");
+        a.park(SystemTime::now() + Duration::from_secs(60), "spent").unwrap();
+        assert!(b.state.lock().unwrap().parked_until_ms.is_some());
+        assert!(other.state.lock().unwrap().parked_until_ms.is_none());
+    }
+
+    #[test]
     fn runs_out_at_the_recent_rate() {
         let s =
             QuotaState { used: 600, max: 1000, updated_ms: 70_000, earlier: Some((10_000, 0)), ..Default::default() };
@@ -165,9 +192,11 @@ mod tests {
     #[tokio::test]
     async fn a_park_survives_a_restart_and_lifts_when_over() {
         let dir = tempfile::tempdir().unwrap();
-        let q = DailyQuota::open(dir.path(), "crm");
+        let q = DailyQuota::open(dir.path(), "crm", "test-account-restart");
         q.park(SystemTime::now() + Duration::from_millis(300), "test").unwrap();
-        let reopened = DailyQuota::open(dir.path(), "crm");
+        // A new process: the account's state starts empty, the file holds the park.
+        ACCOUNTS.remove("test-account-restart");
+        let reopened = DailyQuota::open(dir.path(), "crm", "test-account-restart");
         assert!(DailyQuota::read(dir.path(), "crm").unwrap().parked_until_ms.is_some());
         let started = std::time::Instant::now();
         reopened.ready().await.unwrap();

@@ -43,7 +43,7 @@ pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64) -> Res
 pub fn connector(cfg: HubSpotSinkConfig, data_dir: &std::path::Path) -> HubSpotConnect {
     HubSpotConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name)),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &format!("{}|{}", cfg.url, cfg.auth.account_key()))),
         cfg,
     }
 }

@@ -49,7 +49,7 @@ pub async fn build(cfg: SalesforceSinkConfig, log: EmbeddedLog, cursor: u64) -> 
 pub fn connector(cfg: SalesforceSinkConfig, data_dir: &std::path::Path) -> SalesforceConnect {
     SalesforceConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name)),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &format!("{}|{}", cfg.url, cfg.auth.account_key()))),
         cfg,
     }
 }
