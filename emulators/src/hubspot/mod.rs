@@ -215,6 +215,10 @@ async fn api(s: Shared, path: &str, object: String, op: String, headers: HeaderM
     }
     let mut a = s.lock().expect("account lock");
     a.count("requests");
+    // When the first and the last API call arrived (emulator clock), for rates while writing.
+    let now = a.now_ms();
+    a.stats.entry("first_request_ms".into()).or_insert(now);
+    a.stats.insert("last_request_ms".into(), now);
     if let Some(f) = a.faults.iter_mut().find(|f| f.remaining > 0 && path.contains(&f.path_contains)) {
         f.remaining -= 1;
         let (status, retry_after) = (f.status, f.retry_after);
@@ -355,7 +359,7 @@ async fn list_objects(State(s): State<Shared>, Path(object): Path<String>) -> Js
 /// `POST /_emu/properties/{object}` `{"strict": bool, "properties": {"name": {"type": "number", "unique": true}}}`.
 async fn define_properties(State(s): State<Shared>, Path(object): Path<String>, Json(body): Json<Value>) -> StatusCode {
     let mut a = s.lock().expect("account lock");
-    let o = a.objects.entry(object).or_default();
+    let o = a.objects.entry(object.clone()).or_default();
     if let Some(strict) = body.get("strict").and_then(Value::as_bool) {
         o.strict = strict;
     }
@@ -368,6 +372,7 @@ async fn define_properties(State(s): State<Shared>, Path(object): Path<String>, 
         let unique = def.get("unique").and_then(Value::as_bool).unwrap_or(false);
         o.properties.insert(name.clone(), Property { ty, unique });
     }
+    o.reindex(&object);
     StatusCode::NO_CONTENT
 }
 

@@ -41,6 +41,9 @@ pub struct ObjectType {
     pub records: BTreeMap<u64, Record>,
     /// When true, properties not in `properties` are refused (PROPERTY_DOESNT_EXIST).
     pub strict: bool,
+    /// Live records by (unique property, value as matched): lookups in O(1), so the emulator
+    /// stays fast when an account holds 100k+ records.
+    index: HashMap<(String, String), u64>,
 }
 
 /// A request error: HTTP status and the HubSpot error envelope.
@@ -69,20 +72,46 @@ impl ObjectType {
         (object == "contacts" && property == "email") || self.properties.get(property).is_some_and(|p| p.unique)
     }
 
-    fn find(&self, property: &str, value: &str, case_insensitive: bool) -> Option<u64> {
-        self.records
-            .values()
-            .find(|r| {
-                !r.archived
-                    && r.properties.get(property).and_then(Value::as_str).is_some_and(|v| {
-                        if case_insensitive {
-                            v.eq_ignore_ascii_case(value)
-                        } else {
-                            v == value
-                        }
-                    })
-            })
-            .map(|r| r.id)
+    /// A value as unique properties match it (email case-insensitively).
+    fn matched(property: &str, value: &str) -> String {
+        if property == "email" {
+            value.to_ascii_lowercase()
+        } else {
+            value.to_string()
+        }
+    }
+
+    fn find(&self, property: &str, value: &str) -> Option<u64> {
+        self.index.get(&(property.to_string(), Self::matched(property, value))).copied()
+    }
+
+    /// Rebuilds the index (after a property became unique).
+    pub fn reindex(&mut self, object: &str) {
+        let mut index = HashMap::new();
+        for r in self.records.values().filter(|r| !r.archived) {
+            for (k, v) in &r.properties {
+                if let (true, Some(v)) = (self.unique(object, k), v.as_str()) {
+                    index.insert((k.clone(), Self::matched(k, v)), r.id);
+                }
+            }
+        }
+        self.index = index;
+    }
+
+    /// Sets one property of a live record, keeping the index current.
+    fn set(&mut self, object: &str, record_id: u64, name: String, value: Value) {
+        let unique = self.unique(object, &name);
+        let record = self.records.get_mut(&record_id).expect("the record exists");
+        let old = record.properties.insert(name.clone(), value.clone());
+        if unique {
+            if let Some(old) = old.as_ref().and_then(Value::as_str) {
+                self.index.remove(&(name.clone(), Self::matched(&name, old)));
+            }
+            if let Some(new) = value.as_str() {
+                let key = Self::matched(&name, new);
+                self.index.insert((name, key), record_id);
+            }
+        }
     }
 
     /// Per-input problems with the properties (empty when valid).
@@ -186,7 +215,7 @@ impl ObjectType {
         }
         let mut results = Vec::new();
         for (property, id, properties, trace) in valid {
-            let existing = self.find(&property, &id, property == "email");
+            let existing = self.find(&property, &id);
             let (record_id, new) = match existing {
                 Some(rid) => (rid, false),
                 None => {
@@ -194,18 +223,19 @@ impl ObjectType {
                     (*next_id, true)
                 }
             };
-            let record = self.records.entry(record_id).or_insert_with(|| Record {
+            self.records.entry(record_id).or_insert_with(|| Record {
                 id: record_id,
                 properties: Map::new(),
                 created_at: now.to_string(),
                 updated_at: now.to_string(),
                 archived: false,
             });
-            record.properties.insert(property.clone(), Value::String(id.clone()));
+            self.set(object, record_id, property.clone(), Value::String(id.clone()));
             for (k, v) in properties {
-                record.properties.insert(k, v);
+                self.set(object, record_id, k, v);
             }
-            record.properties.insert("hs_object_id".into(), Value::String(record_id.to_string()));
+            self.set(object, record_id, "hs_object_id".into(), Value::String(record_id.to_string()));
+            let record = self.records.get_mut(&record_id).expect("just written");
             record.updated_at = now.to_string();
             let mut result = json!({
                 "id": record_id.to_string(),
@@ -251,7 +281,7 @@ impl ObjectType {
         for input in &inputs {
             let id = input.get("id").and_then(Value::as_str).unwrap_or("");
             let found = match property {
-                Some(p) => self.find(p, id, p == "email"),
+                Some(p) => self.find(p, id),
                 None => id.parse().ok().filter(|rid| self.records.get(rid).is_some_and(|r| !r.archived)),
             };
             match found.and_then(|rid| self.records.get(&rid)) {
@@ -284,11 +314,16 @@ impl ObjectType {
                 Vec::new(),
             ));
         }
+        let mut archived = std::collections::HashSet::new();
         for input in inputs {
             let id: Option<u64> = input.get("id").and_then(Value::as_str).and_then(|s| s.parse().ok());
             if let Some(r) = id.and_then(|id| self.records.get_mut(&id)) {
                 r.archived = true;
+                archived.insert(r.id);
             }
+        }
+        if !archived.is_empty() {
+            self.index.retain(|_, rid| !archived.contains(rid));
         }
         Ok(204)
     }
