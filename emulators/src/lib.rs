@@ -7,3 +7,34 @@
 pub mod hubspot;
 pub mod ratelimit;
 pub mod salesforce;
+
+use std::net::SocketAddr;
+
+/// A running emulator; dropping it stops the server.
+pub struct Emulator {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Emulator {
+    /// Serves `app` on `addr` (port 0 picks a free one).
+    pub(crate) async fn serve(app: axum::Router, addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Emulator { addr, task })
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -96,24 +96,7 @@ impl Account {
 
 type Shared = Arc<Mutex<Account>>;
 
-/// A running emulator.
-pub struct Emulator {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Emulator {
-    /// The base URL, e.g. `http://127.0.0.1:41234`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub use crate::Emulator;
 
 /// Starts the emulator on `addr` (port 0 picks a free one). Contacts exist from the start, with
 /// `email` unique; other objects appear on first use or through `/_emu/properties/{object}`.
@@ -144,12 +127,7 @@ pub async fn start(config: Config, addr: SocketAddr) -> std::io::Result<Emulator
         .route("/_emu/clock", post(advance_clock))
         .route("/_emu/stats", get(stats))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(Emulator { addr, task })
+    Emulator::serve(app, addr).await
 }
 
 fn envelope(message: &str, category: &str) -> Value {

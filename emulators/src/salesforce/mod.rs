@@ -130,24 +130,7 @@ impl Shared {
     }
 }
 
-/// A running emulator.
-pub struct Emulator {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Emulator {
-    /// The base URL (login host and instance), e.g. `http://127.0.0.1:41234`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub use crate::Emulator;
 
 /// A REST error: Salesforce's JSON array envelope.
 pub(crate) fn error(status: u16, code: &str, message: &str) -> Response {
@@ -185,12 +168,7 @@ pub async fn start(config: Config, addr: SocketAddr) -> std::io::Result<Emulator
         .route("/_emu/stats", get(stats))
         .route("/_emu/tokens/expire", put(expire_tokens))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(Emulator { addr, task })
+    Emulator::serve(app, addr).await
 }
 
 /// Every data request: latency, faults, the session, the daily allocation, the concurrency
