@@ -36,10 +36,12 @@ impl Budget {
     }
 
     /// Holds every request for `wait` (a full window, or the server's `Retry-After`).
-    pub fn pause(&self, wait: Duration) {
+    pub fn pause(&self, wait: Duration, why: &str) {
         let until = Instant::now() + wait;
         let mut p = self.paused_until.lock().expect("budget lock");
         if p.is_none_or(|t| t < until) {
+            // Another client is using the account, or the server asked: worth knowing.
+            tracing::warn!(?wait, why, "account budget paused");
             *p = Some(until);
         }
     }

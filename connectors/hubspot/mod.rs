@@ -126,9 +126,9 @@ impl HubSpotTarget {
             // The window is full (by the header, or a 429): no request until it has passed. A
             // Retry-After (423, 477) holds the account's requests as long as it says.
             match (status, retry_after) {
-                (_, Some(secs)) if status >= 400 => self.budget.pause(Duration::from_secs(secs)),
-                (429, None) => self.budget.pause(budget::INTERVAL),
-                _ if remaining == Some(0) => self.budget.pause(budget::INTERVAL),
+                (_, Some(secs)) if status >= 400 => self.budget.pause(Duration::from_secs(secs), "Retry-After"),
+                (429, None) => self.budget.pause(budget::INTERVAL, "429"),
+                _ if remaining == Some(0) => self.budget.pause(budget::INTERVAL, "X-HubSpot-RateLimit-Remaining: 0"),
                 _ => {}
             }
             let text = response.text().await.map_err(|e| Error::retryable(&context, e))?;
