@@ -136,10 +136,9 @@ async fn bench_hubspot(dir: &Path, http: &reqwest::Client) {
         steady / max * 100.0
     );
     println!(
-        "  requests {}, 429s {}, budget pauses {}; sluice CPU {:.2} s, peak RSS {:.0} MiB",
+        "  requests {}, 429s {}; sluice CPU {:.2} s, peak RSS {:.0} MiB",
         stats["requests"],
         stats.get("status_429").cloned().unwrap_or(json!(0)),
-        m.log.matches("account budget paused").count(),
         m.cpu,
         m.peak_rss_mib
     );
