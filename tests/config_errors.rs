@@ -13,6 +13,17 @@ fn write(dir: &Path, yaml: &str) -> std::path::PathBuf {
     path
 }
 
+/// Each file is refused by `sluice validate` (exit 2) with its message and fix, at a place in it.
+fn refused_with_fixes(dir: &Path, cases: &[(String, &str, &str)]) {
+    for (yaml, message, fix) in cases {
+        let (code, err) = validate(&write(dir, yaml));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(message), "expected `{message}` in:\n{err}");
+        assert!(err.contains(fix), "expected fix `{fix}` in:\n{err}");
+        assert!(err.contains("bad.yaml:"), "{err}");
+    }
+}
+
 /// Runs `sluice validate` and returns (exit code, stderr).
 fn validate(path: &Path) -> (i32, String) {
     let out = sluice(&["validate", path.to_str().unwrap()], path.parent().unwrap());
@@ -239,13 +250,7 @@ fn a_salesforce_sink_validates_and_names_its_mistakes() {
             "remove `bulk_threshold`",
         ),
     ];
-    for (yaml, message, fix) in cases {
-        let (code, err) = validate(&write(dir.path(), &yaml));
-        assert_eq!(code, 2, "{err}");
-        assert!(err.contains(message), "expected `{message}` in:\n{err}");
-        assert!(err.contains(fix), "expected fix `{fix}` in:\n{err}");
-        assert!(err.contains("bad.yaml:"), "{err}");
-    }
+    refused_with_fixes(dir.path(), &cases);
 }
 
 #[test]
@@ -362,13 +367,7 @@ fn mapped_sink_mistakes_are_named_with_their_fix() {
         ),
         (format!("{MAPPED}    token: x\n"), "`token` does not apply to postgres sinks", "remove `token`"),
     ];
-    for (yaml, message, fix) in cases {
-        let (code, err) = validate(&write(dir.path(), &yaml));
-        assert_eq!(code, 2, "{err}");
-        assert!(err.contains(message), "expected `{message}` in:\n{err}");
-        assert!(err.contains(fix), "expected fix `{fix}` in:\n{err}");
-        assert!(err.contains("bad.yaml:"), "{err}");
-    }
+    refused_with_fixes(dir.path(), &cases);
 }
 
 #[tokio::test]

@@ -159,26 +159,35 @@ async fn throttling_and_server_errors_are_retried_without_loss() {
     }
 }
 
+/// An emulated account with `sluice_id` unique, and a database whose `customers` table has
+/// `rows` live rows.
+async fn account_and_table(config: Config, test: &str, rows: u32) -> (hubspot::Emulator, TestDb) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let emulator = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let props = json!({"properties": {"sluice_id": {"unique": true}}});
+    let r = reqwest::Client::new().post(format!("{}/_emu/properties/contacts", emulator.url())).json(&props).send();
+    assert!(r.await.unwrap().status().is_success());
+    let db = TestDb::new(test).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
+             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, {rows}) g;"
+        ))
+        .await
+        .unwrap();
+    (emulator, db)
+}
+
 /// An OAuth app's access token expires mid-stream: the sink obtains a new one with the refresh
 /// token once, replays the refused call, and nothing is lost or written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oauth_token_that_expires_mid_stream_is_renewed_once() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let app = hubspot::OAuthApp { client_id: "cid".into(), client_secret: "secret".into(), refresh_token: "rt".into() };
-    let config = Config { tokens: vec![], oauth: Some(app), ..Default::default() };
-    let emulator = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (emulator, db) =
+        account_and_table(Config { tokens: vec![], oauth: Some(app), ..Default::default() }, "hubspot_oauth", 120)
+            .await;
     let url = emulator.url();
     let c = reqwest::Client::new();
-    let props = json!({"properties": {"sluice_id": {"unique": true}}});
-    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
-    let db = TestDb::new("hubspot_oauth").await;
-    db.client
-        .batch_execute(
-            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
-             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, 120) g;",
-        )
-        .await
-        .unwrap();
     let auth = "    auth: { type: oauth, client_id: cid, client_secret: secret, refresh_token: rt }\n";
     let yaml = sink(&url, 100).replace(&format!("    token: {TOKEN}\n"), auth);
     let file = db.pipeline_with_sinks(&["public.customers"], &yaml);
@@ -207,21 +216,10 @@ async fn an_oauth_token_that_expires_mid_stream_is_renewed_once() {
 /// hammering the API, `sluice status` says so, and it resumes once the allocation is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_daily_limit_parks_the_sink_until_it_is_back() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Config { tokens: vec![TOKEN.into()], daily_max: 2, ..Default::default() };
-    let emulator = hubspot::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (emulator, db) = account_and_table(config, "hubspot_daily", 100).await;
     let url = emulator.url();
     let c = reqwest::Client::new();
-    let props = json!({"properties": {"sluice_id": {"unique": true}}});
-    c.post(format!("{url}/_emu/properties/contacts")).json(&props).send().await.unwrap();
-    let db = TestDb::new("hubspot_daily").await;
-    db.client
-        .batch_execute(
-            "CREATE TABLE customers (id int PRIMARY KEY, email text, first_name text, status text, ltv text);
-             INSERT INTO customers SELECT g, 'u' || g || '@x.io', 'n' || g, 'live', g::text FROM generate_series(1, 100) g;",
-        )
-        .await
-        .unwrap();
     let yaml =
         sink(&url, 100).replace("rate: { ten_second_max: 100 }", "rate: { ten_second_max: 100, park_probe: 1s }");
     let file = db.pipeline_with_sinks(&["public.customers"], &yaml);
