@@ -217,7 +217,7 @@ async fn a_spent_daily_allocation_parks_the_sink_across_a_restart_until_it_frees
     let e = emulator(Config { daily_max: 3, ..Default::default() }).await;
     let db = TestDb::new("salesforce_park").await;
     customers(&db, 1000).await;
-    let extra = "    batch: { max_records: 200, max_age: 100ms }\n    rate: { park_probe: 5s }\n";
+    let extra = "    batch: { max_records: 200, max_age: 100ms }\n    rate: { park_probe: 10s }\n";
     let file = db.pipeline_with_sinks(&["public.customers"], &sink(&e.url(), CLIENT_CREDENTIALS, extra));
     let running = Running::start(&file);
     let quota = db.data_dir().join("quota").join("crm.json");
