@@ -105,11 +105,23 @@ fn auth(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -> Result<CrmAuth, Conf
         ));
     }
     let (Some(a), token) = (&raw.auth, &raw.token) else {
-        return match &raw.token {
-            Some(t) => Ok(CrmAuth::Token(Secret::new(cx.resolve("token", t)?))),
-            None if kind == "hubspot" => Err(cx.err(&raw.name, format!("sink {name}: a hubspot sink needs `token:` or `auth:`"), "add `token: ${env:HUBSPOT_TOKEN}` (a private-app token) or `auth: { type: oauth, client_id, client_secret, refresh_token }`")),
-            None => Err(cx.err(&raw.name, format!("sink {name}: a {kind} sink needs `auth:`"), "add `auth: { type: jwt, client_id, username, private_key: ${file:/path/key.pem} }` or `auth: { type: client_credentials, client_id, client_secret }`")),
+        if let Some(t) = &raw.token {
+            return Ok(CrmAuth::Token(Secret::new(cx.resolve("token", t)?)));
+        }
+        let (needs, fix) = if kind == "hubspot" {
+            (
+                "`token:` or `auth:`",
+                "add `token: ${env:HUBSPOT_TOKEN}` (a private-app token) \
+                 or `auth: { type: oauth, client_id, client_secret, refresh_token }`",
+            )
+        } else {
+            (
+                "`auth:`",
+                "add `auth: { type: jwt, client_id, username, private_key: ${file:/path/key.pem} }` \
+                 or `auth: { type: client_credentials, client_id, client_secret }`",
+            )
         };
+        return Err(cx.err(&raw.name, format!("sink {name}: a {kind} sink needs {needs}"), fix));
     };
     if let Some(t) = token {
         return Err(cx.err(t, format!("sink {name}: both `token:` and `auth:` are set"), "keep one of them"));
@@ -140,7 +152,9 @@ fn auth(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -> Result<CrmAuth, Conf
             let private_key = Secret::new(text("private_key", &a.private_key)?);
             if let Err(why) = crate::connectors::oauth::rsa_key(&private_key) {
                 let at = a.private_key.as_ref().expect("resolved above");
-                return Err(cx.err(at, format!("auth.private_key: {why}"), "give the connected app certificate's private key, e.g. `${file:/etc/sluice/sf.key}` (PEM, BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY)"));
+                let fix = "give the connected app certificate's private key, e.g. `${file:/etc/sluice/sf.key}` \
+                           (PEM, BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY)";
+                return Err(cx.err(at, format!("auth.private_key: {why}"), fix));
             }
             let audience = match &a.audience {
                 Some(v) => cx.resolve("auth.audience", v)?,

@@ -294,7 +294,8 @@ async fn composite(State(s): State<Arc<Shared>>, Path(ver): Path<String>, body: 
         org.objects = backup;
         for r in results.iter_mut().filter(|r| r["httpStatusCode"].as_u64().is_some_and(|s| s < 400)) {
             r["httpStatusCode"] = json!(400);
-            r["body"] = json!([{"errorCode": "PROCESSING_HALTED", "message": "The transaction was rolled back since another operation in the same transaction failed."}]);
+            let message = "The transaction was rolled back since another operation in the same transaction failed.";
+            r["body"] = json!([{"errorCode": "PROCESSING_HALTED", "message": message}]);
         }
     }
     (StatusCode::OK, Json(json!({"compositeResponse": results}))).into_response()
