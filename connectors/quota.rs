@@ -6,6 +6,7 @@
 //! writing to one account share its state, so one sink's park holds the others too.
 
 use crate::error::{Error, Result};
+use crate::runtime::Shutdown;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ pub struct DailyQuota {
     /// This sink's copy of the state, for `sluice status`.
     file: PathBuf,
     state: Arc<Mutex<QuotaState>>,
+    /// A stop ends a wait for the park.
+    shutdown: Shutdown,
 }
 
 pub fn now_ms() -> u64 {
@@ -61,7 +64,7 @@ const RATE_WINDOW_MS: u64 = 60_000;
 impl DailyQuota {
     /// The quota of sink `sink` of the pipeline whose data lives in `dir`, writing to `account`
     /// (shared with the account's other sinks), with the park its file holds, if any.
-    pub fn open(dir: &Path, sink: &str, account: &str) -> Self {
+    pub fn open(dir: &Path, sink: &str, account: &str, shutdown: Shutdown) -> Self {
         let file = Self::path(dir, sink);
         let saved = Self::read(dir, sink).unwrap_or_default();
         let state =
@@ -73,7 +76,7 @@ impl DailyQuota {
                 (s.parked_until_ms, s.parked_reason) = (saved.parked_until_ms, saved.parked_reason);
             }
         }
-        Self { file, state }
+        Self { file, state, shutdown }
     }
 
     fn path(dir: &Path, sink: &str) -> PathBuf {
@@ -128,7 +131,10 @@ impl DailyQuota {
         let Some(until) = until else { return Ok(()) };
         let wait = until.saturating_sub(now_ms());
         if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = self.shutdown.requested() => return Err(Error::Parked("stopping".into())),
+            }
         }
         let snapshot = {
             let mut s = self.state.lock().expect("quota lock");
@@ -172,9 +178,9 @@ mod tests {
     #[test]
     fn sinks_of_one_account_share_a_park() {
         let dir = tempfile::tempdir().unwrap();
-        let a = DailyQuota::open(dir.path(), "a", "test-account-shared");
-        let b = DailyQuota::open(dir.path(), "b", "test-account-shared");
-        let other = DailyQuota::open(dir.path(), "c", "test-account-other");
+        let a = DailyQuota::open(dir.path(), "a", "test-account-shared", Shutdown::new());
+        let b = DailyQuota::open(dir.path(), "b", "test-account-shared", Shutdown::new());
+        let other = DailyQuota::open(dir.path(), "c", "test-account-other", Shutdown::new());
         a.park(SystemTime::now() + Duration::from_secs(60), "spent").unwrap();
         assert!(b.state.lock().unwrap().parked_until_ms.is_some());
         assert!(other.state.lock().unwrap().parked_until_ms.is_none());
@@ -192,11 +198,11 @@ mod tests {
     #[tokio::test]
     async fn a_park_survives_a_restart_and_lifts_when_over() {
         let dir = tempfile::tempdir().unwrap();
-        let q = DailyQuota::open(dir.path(), "crm", "test-account-restart");
+        let q = DailyQuota::open(dir.path(), "crm", "test-account-restart", Shutdown::new());
         q.park(SystemTime::now() + Duration::from_millis(300), "test").unwrap();
         // A new process: the account's state starts empty, the file holds the park.
         ACCOUNTS.remove("test-account-restart");
-        let reopened = DailyQuota::open(dir.path(), "crm", "test-account-restart");
+        let reopened = DailyQuota::open(dir.path(), "crm", "test-account-restart", Shutdown::new());
         assert!(DailyQuota::read(dir.path(), "crm").unwrap().parked_until_ms.is_some());
         let started = std::time::Instant::now();
         reopened.ready().await.unwrap();

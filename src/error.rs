@@ -22,13 +22,17 @@ pub enum Error {
     Permanent { context: String, message: String },
     #[error("embedded log: {0}")]
     Storage(String),
+    /// The destination's daily allocation is spent and the sink waits for it (retried, but a
+    /// stop need not wait for it).
+    #[error("parked: {0}")]
+    Parked(String),
 }
 
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Config(_) => ErrorClass::Config,
-            Error::Retryable { .. } => ErrorClass::Retryable,
+            Error::Retryable { .. } | Error::Parked(_) => ErrorClass::Retryable,
             Error::Permanent { .. } | Error::Storage(_) => ErrorClass::Permanent,
         }
     }

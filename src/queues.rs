@@ -9,6 +9,7 @@ use sluice::connectors::pgsink::queue::{self, Take};
 use sluice::connectors::{hubspot, salesforce};
 use sluice::deadletter::{Entry, EntryStore};
 use sluice::mapping::context::convert;
+use sluice::runtime::Shutdown;
 use std::path::PathBuf;
 
 /// The pipeline, the chosen mapped sink and the data directory.
@@ -51,10 +52,12 @@ fn replay(
         match sink {
             SinkConfig::Postgres(p) => queue::replay(p, &pipeline.name, dir, ids).await,
             SinkConfig::Hubspot(h) => {
-                replay::replay(&hubspot::connector(h.clone(), dir), h.mapping.clone(), &store, ids).await
+                replay::replay(&hubspot::connector(h.clone(), dir, Shutdown::new()), h.mapping.clone(), &store, ids)
+                    .await
             }
             SinkConfig::Salesforce(c) => {
-                replay::replay(&salesforce::connector(c.clone(), dir), c.mapping.clone(), &store, ids).await
+                replay::replay(&salesforce::connector(c.clone(), dir, Shutdown::new()), c.mapping.clone(), &store, ids)
+                    .await
             }
             SinkConfig::Parquet(_) => unreachable!("parquet sinks have no queues"),
         }

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
+use crate::runtime::Shutdown;
 use futures::StreamExt;
 use minijinja::Value;
 use serde_json::{json, Map, Value as Json};
@@ -33,17 +34,22 @@ const BATCH_LIMIT: usize = 100;
 pub type HubSpotSink = MappedSink<HubSpotConnect>;
 
 /// Builds the HubSpot sink of `cfg`.
-pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<HubSpotSink> {
+pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64, shutdown: Shutdown) -> Result<HubSpotSink> {
     let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
-    let connector = connector(cfg, log.dir());
+    let connector = connector(cfg, log.dir(), shutdown);
     MappedSink::build(&name, mapping, batch, connector, log, cursor).await
 }
 
 /// The sink's connector, for the running sink and for `sluice dlq replay`.
-pub fn connector(cfg: HubSpotSinkConfig, data_dir: &std::path::Path) -> HubSpotConnect {
+pub fn connector(cfg: HubSpotSinkConfig, data_dir: &std::path::Path, shutdown: Shutdown) -> HubSpotConnect {
     HubSpotConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &format!("{}|{}", cfg.url, cfg.auth.account_key()))),
+        quota: Arc::new(DailyQuota::open(
+            data_dir,
+            &cfg.name,
+            &format!("{}|{}", cfg.url, cfg.auth.account_key()),
+            shutdown,
+        )),
         cfg,
     }
 }
@@ -151,7 +157,7 @@ impl HubSpotTarget {
                 429 if category == "DAILY" => {
                     self.quota
                         .park(daily_reset().min(SystemTime::now() + self.park_probe), "hubspot daily limit reached")?;
-                    return Err(Error::retryable(context, format!("{} (parked)", detail())));
+                    return Err(Error::Parked(format!("{context}: {}", detail())));
                 }
                 429 | 423 | 477 | 500..=599 => {
                     let wait = retry_after.map(|s| format!(", Retry-After {s}s")).unwrap_or_default();

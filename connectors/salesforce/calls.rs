@@ -84,7 +84,7 @@ impl Api {
                 }
                 403 if code == "REQUEST_LIMIT_EXCEEDED" && message.contains("TotalRequests") => {
                     self.quota.park(SystemTime::now() + self.park_probe, "salesforce daily API requests exhausted")?;
-                    return Err(Error::retryable(&context, format!("{code}: {message} (parked)")));
+                    return Err(Error::Parked(format!("{context}: {code}: {message}")));
                 }
                 // The concurrent long-running request limit: back off briefly.
                 403 if code == "REQUEST_LIMIT_EXCEEDED" => {

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
+use crate::runtime::Shutdown;
 use calls::Api;
 use futures::StreamExt;
 use minijinja::Value;
@@ -39,17 +40,27 @@ const RECORD_RETRIES: u32 = 6;
 pub type SalesforceSink = MappedSink<SalesforceConnect>;
 
 /// Builds the Salesforce sink of `cfg`.
-pub async fn build(cfg: SalesforceSinkConfig, log: EmbeddedLog, cursor: u64) -> Result<SalesforceSink> {
+pub async fn build(
+    cfg: SalesforceSinkConfig,
+    log: EmbeddedLog,
+    cursor: u64,
+    shutdown: Shutdown,
+) -> Result<SalesforceSink> {
     let (name, mapping, batch) = (cfg.name.clone(), cfg.mapping.clone(), cfg.batch);
-    let connector = connector(cfg, log.dir());
+    let connector = connector(cfg, log.dir(), shutdown);
     MappedSink::build(&name, mapping, batch, connector, log, cursor).await
 }
 
 /// The sink's connector, for the running sink and for `sluice dlq replay`.
-pub fn connector(cfg: SalesforceSinkConfig, data_dir: &std::path::Path) -> SalesforceConnect {
+pub fn connector(cfg: SalesforceSinkConfig, data_dir: &std::path::Path, shutdown: Shutdown) -> SalesforceConnect {
     SalesforceConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &format!("{}|{}", cfg.url, cfg.auth.account_key()))),
+        quota: Arc::new(DailyQuota::open(
+            data_dir,
+            &cfg.name,
+            &format!("{}|{}", cfg.url, cfg.auth.account_key()),
+            shutdown,
+        )),
         cfg,
     }
 }

@@ -100,8 +100,12 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             SinkConfig::Postgres(p) => {
                 pgsink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
             }
-            SinkConfig::Hubspot(h) => hubspot::build(h, log.clone(), cursor).await.map(|s| Box::new(s) as _),
-            SinkConfig::Salesforce(c) => salesforce::build(c, log.clone(), cursor).await.map(|s| Box::new(s) as _),
+            SinkConfig::Hubspot(h) => {
+                hubspot::build(h, log.clone(), cursor, shutdown.clone()).await.map(|s| Box::new(s) as _)
+            }
+            SinkConfig::Salesforce(c) => {
+                salesforce::build(c, log.clone(), cursor, shutdown.clone()).await.map(|s| Box::new(s) as _)
+            }
         };
         let sink = built.map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("sink {name}: {m}")),
