@@ -3,7 +3,11 @@
 //! grows the value by a step; throttling or slow answers halve it. The account's rate budget
 //! still bounds the request rate; AIMD finds how much of it latency lets one sink use.
 
-use std::time::Duration;
+use crate::error::Result;
+use futures::StreamExt;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// One adaptive value between `min` and `max`.
 #[derive(Debug, Clone)]
@@ -74,6 +78,46 @@ impl Adaptive {
         metrics::gauge!("sluice_sink_concurrency").set(self.concurrency.get() as f64);
         metrics::gauge!("sluice_sink_call_size").set(self.size.get() as f64);
     }
+}
+
+/// Runs one round of `calls`, as many in flight as `adaptive` allows, then adapts it to how the
+/// round went: a failed call, or an answer `throttled` says was throttled, counts as throttling.
+/// The answers come back in completion order; the first error, if any, instead.
+pub async fn round<T, Fut>(
+    adaptive: &Mutex<Adaptive>,
+    calls: Vec<Fut>,
+    throttled: impl Fn(&T) -> bool,
+) -> Result<Vec<T>>
+where
+    Fut: Future<Output = Result<T>>,
+{
+    let concurrency = adaptive.lock().expect("adaptive lock").concurrency.get();
+    let timed: Vec<_> = calls
+        .into_iter()
+        .map(|call| async move {
+            let started = Instant::now();
+            let answer = call.await;
+            (started.elapsed(), answer)
+        })
+        .collect();
+    let mut in_flight = futures::stream::iter(timed).buffer_unordered(concurrency);
+    let (mut round, mut answers, mut failure) = (Round::default(), Vec::new(), None);
+    while let Some((took, answer)) = in_flight.next().await {
+        round.slowest = round.slowest.max(took);
+        match answer {
+            Ok(a) => {
+                round.throttled |= throttled(&a);
+                answers.push(a);
+            }
+            Err(e) => {
+                round.throttled = true;
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    drop(in_flight);
+    adaptive.lock().expect("adaptive lock").after_round(round);
+    failure.map_or(Ok(answers), Err)
 }
 
 #[cfg(test)]

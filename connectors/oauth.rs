@@ -174,9 +174,9 @@ impl CrmAuth {
         })
     }
 
-    /// Identifies the account signed in to, without revealing a secret: sinks with the same
-    /// key share one rate budget.
-    pub fn account_key(&self) -> String {
+    /// Identifies the account at API host `url` signed in to, without revealing a secret: sinks
+    /// with the same account share one rate budget and one daily quota.
+    pub fn account(&self, url: &str) -> String {
         use sha2::Digest;
         let material = match self {
             CrmAuth::Token(t) => t.expose().to_string(),
@@ -184,6 +184,6 @@ impl CrmAuth {
             CrmAuth::Jwt { client_id, username, .. } => format!("{client_id}|{username}"),
             CrmAuth::ClientCredentials { client_id, .. } => client_id.clone(),
         };
-        hex::encode(&sha2::Sha256::digest(material.as_bytes())[..8])
+        format!("{url}|{}", hex::encode(&sha2::Sha256::digest(material.as_bytes())[..8]))
     }
 }

@@ -6,6 +6,7 @@
 //! writing to one account share its state, so one sink's park holds the others too.
 
 use crate::error::{Error, Result};
+use crate::runtime::progress::now_ms;
 use crate::runtime::Shutdown;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -50,10 +51,6 @@ pub struct DailyQuota {
     state: Arc<Mutex<QuotaState>>,
     /// A stop ends a wait for the park.
     shutdown: Shutdown,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Readings closer together than this are not written to the file (the API reports one per call).

@@ -11,7 +11,7 @@
 pub mod budget;
 
 use crate::config::HubSpotSinkConfig;
-use crate::connectors::aimd::{Adaptive, Round};
+use crate::connectors::aimd::{self, Adaptive};
 use crate::connectors::mapped::{Applied, Connect, Item, MappedSink, Target};
 use crate::connectors::oauth::Session;
 use crate::connectors::quota::DailyQuota;
@@ -21,11 +21,10 @@ use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
 use crate::runtime::Shutdown;
-use futures::StreamExt;
 use minijinja::Value;
 use serde_json::{json, Map, Value as Json};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// The most inputs one HubSpot batch call takes.
 const BATCH_LIMIT: usize = 100;
@@ -44,12 +43,7 @@ pub async fn build(cfg: HubSpotSinkConfig, log: EmbeddedLog, cursor: u64, shutdo
 pub fn connector(cfg: HubSpotSinkConfig, data_dir: &std::path::Path, shutdown: Shutdown) -> HubSpotConnect {
     HubSpotConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(
-            data_dir,
-            &cfg.name,
-            &format!("{}|{}", cfg.url, cfg.auth.account_key()),
-            shutdown,
-        )),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &cfg.auth.account(&cfg.url), shutdown)),
         cfg,
     }
 }
@@ -68,7 +62,7 @@ impl Connect for HubSpotConnect {
         let http = crate::connectors::http::client()?;
         let session = Session::new(http.clone(), self.cfg.auth.grant(&format!("{}/oauth/v1/token", self.cfg.url))?);
         // The budget is per account: the same base URL and credentials share one.
-        let budget = budget::for_account(&format!("{}|{}", self.cfg.url, self.cfg.auth.account_key()), self.cfg.rate);
+        let budget = budget::for_account(&self.cfg.auth.account(&self.cfg.url), self.cfg.rate);
         let id_property = mapper.key_names().first().cloned().unwrap_or_default();
         Ok(HubSpotTarget {
             http,
@@ -191,10 +185,6 @@ impl HubSpotTarget {
             .collect()
     }
 
-    fn external_id(item: &Item) -> String {
-        item.record.key.first().map(|v| v.to_string()).unwrap_or_default()
-    }
-
     async fn upsert(&self, items: &[&Item]) -> Result<u64> {
         let inputs: Vec<Json> = items
             .iter()
@@ -202,7 +192,7 @@ impl HubSpotTarget {
                 let Write::Upsert(fields) = &item.write else { unreachable!("upserts only") };
                 json!({
                     "idProperty": self.id_property,
-                    "id": Self::external_id(item),
+                    "id": item.record.external_id(),
                     "properties": self.properties(fields),
                     "objectWriteTraceId": item.record.offset.to_string(),
                 })
@@ -233,7 +223,7 @@ impl HubSpotTarget {
     }
 
     async fn archive(&self, items: &[&Item]) -> Result<u64> {
-        let ids: Vec<Json> = items.iter().map(|i| json!({ "id": Self::external_id(i) })).collect();
+        let ids: Vec<Json> = items.iter().map(|i| json!({ "id": i.record.external_id() })).collect();
         let (status, body) = self.call("read", &json!({ "idProperty": self.id_property, "inputs": ids })).await?;
         if status == 400 {
             return Err(Error::permanent("hubspot read", body.to_string()));
@@ -262,36 +252,12 @@ impl Target for HubSpotTarget {
             items.iter().partition(|i| matches!(i.write, Write::Upsert(_)));
         // Coalescing left one item per key, so ids are unique within each call, as HubSpot requires,
         // and the calls of one batch can be in flight together.
-        let concurrency = self.adaptive.lock().expect("adaptive lock").concurrency.get();
         let this = &*self;
-        let mut pending = Vec::new();
-        for chunk in upserts.chunks(BATCH_LIMIT) {
-            pending.push(async move {
-                let started = Instant::now();
-                let written = this.upsert(chunk).await;
-                (started.elapsed(), chunk.len() as u64, written)
-            });
-        }
-        let mut calls = futures::stream::iter(pending).buffer_unordered(concurrency);
-        let mut round = Round::default();
-        let mut failure = None;
-        while let Some((took, sent, written)) = calls.next().await {
-            round.slowest = round.slowest.max(took);
-            match written {
-                Ok(n) => {
-                    applied.upserted += n;
-                    applied.rejected += sent - n;
-                }
-                Err(e) => {
-                    round.throttled = true;
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        drop(calls);
-        self.adaptive.lock().expect("adaptive lock").after_round(round);
-        if let Some(e) = failure {
-            return Err(e);
+        let calls =
+            upserts.chunks(BATCH_LIMIT).map(|chunk| async move { Ok((chunk.len() as u64, this.upsert(chunk).await?)) });
+        for (sent, written) in aimd::round(&self.adaptive, calls.collect(), |_| false).await? {
+            applied.upserted += written;
+            applied.rejected += sent - written;
         }
         for chunk in deletes.chunks(BATCH_LIMIT) {
             applied.deleted += self.archive(chunk).await?;

@@ -38,6 +38,13 @@ pub struct Record {
     pub key: Vec<Value>,
 }
 
+impl Record {
+    /// The (first) key value as text: the external ID a CRM record is upserted and deleted by.
+    pub fn external_id(&self) -> String {
+        self.key.first().map(|v| v.to_string()).unwrap_or_default()
+    }
+}
+
 /// One key's write.
 #[derive(Debug, Clone)]
 pub struct Item {

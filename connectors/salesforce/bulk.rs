@@ -50,7 +50,7 @@ pub async fn upsert<'a>(
     let mut by_key: HashMap<String, &'a Item> = HashMap::with_capacity(items.len());
     for item in items {
         let Write::Upsert(values) = &item.write else { unreachable!("upserts only") };
-        let key = item.record.key.first().map(|v| v.to_string()).unwrap_or_default();
+        let key = item.record.external_id();
         let row: Vec<String> =
             std::iter::once(key.clone()).chain(columns.iter().map(|&i| csv_text(&values[i]))).collect();
         csv.write_record(&row).map_err(csv_error)?;

@@ -12,7 +12,7 @@ mod bulk;
 mod calls;
 
 use crate::config::SalesforceSinkConfig;
-use crate::connectors::aimd::{Adaptive, Round};
+use crate::connectors::aimd::{self, Adaptive};
 use crate::connectors::mapped::{Applied, Connect, Item, MappedSink, Target};
 use crate::connectors::oauth::Session;
 use crate::connectors::quota::DailyQuota;
@@ -23,11 +23,10 @@ use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
 use crate::runtime::Shutdown;
 use calls::Api;
-use futures::StreamExt;
 use minijinja::Value;
 use serde_json::{json, Map, Value as Json};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The most records one Collections call takes.
 const COLLECTION_LIMIT: usize = 200;
@@ -55,12 +54,7 @@ pub async fn build(
 pub fn connector(cfg: SalesforceSinkConfig, data_dir: &std::path::Path, shutdown: Shutdown) -> SalesforceConnect {
     SalesforceConnect {
         dead: EntryStore::dead_letters(data_dir, &cfg.name),
-        quota: Arc::new(DailyQuota::open(
-            data_dir,
-            &cfg.name,
-            &format!("{}|{}", cfg.url, cfg.auth.account_key()),
-            shutdown,
-        )),
+        quota: Arc::new(DailyQuota::open(data_dir, &cfg.name, &cfg.auth.account(&cfg.url), shutdown)),
         cfg,
     }
 }
@@ -144,15 +138,11 @@ struct Outcome<'a> {
 }
 
 impl SalesforceTarget {
-    fn external_value(item: &Item) -> String {
-        item.record.key.first().map(|v| v.to_string()).unwrap_or_default()
-    }
-
     /// The record as Collections takes it: the external ID and every mapped field.
     fn record(&self, item: &Item, fields: &[Value]) -> Map<String, Json> {
         let mut m = Map::new();
         m.insert("attributes".into(), json!({"type": self.object}));
-        m.insert(self.external_id.clone(), json!(Self::external_value(item)));
+        m.insert(self.external_id.clone(), json!(item.record.external_id()));
         for (name, v) in self.fields.iter().zip(fields).filter(|(name, _)| **name != self.external_id) {
             let value = if v.is_none() || v.is_undefined() {
                 Json::Null
@@ -228,7 +218,7 @@ impl SalesforceTarget {
             .enumerate()
             .map(|(i, item)| {
                 let value =
-                    url::form_urlencoded::byte_serialize(Self::external_value(item).as_bytes()).collect::<String>();
+                    url::form_urlencoded::byte_serialize(item.record.external_id().as_bytes()).collect::<String>();
                 json!({
                     "method": "DELETE",
                     "url": format!("/services/data/v{version}/sobjects/{}/{}/{value}", self.object, self.external_id),
@@ -281,44 +271,17 @@ impl SalesforceTarget {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
             }
-            let (size, concurrency) = {
-                let a = self.adaptive.lock().expect("adaptive lock");
-                (a.size.get().min(limit), a.concurrency.get())
-            };
-            let mut timed = Vec::new();
-            for chunk in pending.chunks(size) {
-                let outcome = call(chunk.to_vec());
-                timed.push(async move {
-                    let started = Instant::now();
-                    let outcome = outcome.await;
-                    (started.elapsed(), outcome)
-                });
-            }
-            let mut calls = futures::stream::iter(timed).buffer_unordered(concurrency);
-            let mut round = Round::default();
+            let size = self.adaptive.lock().expect("adaptive lock").size.get().min(limit);
+            let calls = pending.chunks(size).map(|chunk| call(chunk.to_vec())).collect();
+            let outcomes = aimd::round(&self.adaptive, calls, |o: &Outcome| !o.retry.is_empty()).await?;
             let mut retry = Vec::new();
-            let mut failure = None;
-            while let Some((took, outcome)) = calls.next().await {
-                round.slowest = round.slowest.max(took);
-                match outcome {
-                    Ok(o) => {
-                        written += o.written;
-                        for (item, reason) in o.dead {
-                            self.dead_letter(item, &reason)?;
-                            dead += 1;
-                        }
-                        round.throttled |= !o.retry.is_empty();
-                        retry.extend(o.retry);
-                    }
-                    Err(e) => {
-                        round.throttled = true;
-                        failure.get_or_insert(e);
-                    }
+            for o in outcomes {
+                written += o.written;
+                for (item, reason) in o.dead {
+                    self.dead_letter(item, &reason)?;
+                    dead += 1;
                 }
-            }
-            self.adaptive.lock().expect("adaptive lock").after_round(round);
-            if let Some(e) = failure {
-                return Err(e);
+                retry.extend(o.retry);
             }
             pending = retry;
         }

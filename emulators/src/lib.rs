@@ -9,6 +9,13 @@ pub mod ratelimit;
 pub mod salesforce;
 
 use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds on an emulator's clock: the wall clock moved forward by `offset_ms`
+/// (`/_emu/clock`), so tests can reach token expiry or a daily reset without waiting.
+pub(crate) fn clock_ms(offset_ms: u64) -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0) + offset_ms
+}
 
 /// A running emulator; dropping it stops the server.
 pub struct Emulator {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// An OAuth app allowed to refresh tokens at `/oauth/v1/token`.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ struct Account {
 
 impl Account {
     fn now_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0) + self.clock_offset_ms
+        crate::clock_ms(self.clock_offset_ms)
     }
 
     fn now_text(&self) -> String {

@@ -2,7 +2,7 @@
 //! Collections upsert, Composite, Bulk API 2.0 ingest and `/limits`.
 
 use super::bulk::{self, Job, State as JobState};
-use super::store::{RecordError, Refused, SObjectType, Upserted};
+use super::store::{self, RecordError, Refused, SObjectType, Upserted};
 use super::{error, Org, Shared};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -174,7 +174,7 @@ fn upsert_collection(org: &mut Org, ver: &str, object: &str, field: &str, body: 
     let backup = all_or_none.then(|| org.objects.get(object).cloned()).flatten();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for r in records {
-        if let Some(k) = r.get(field).and_then(external_text) {
+        if let Some(k) = r.get(field).and_then(store::text) {
             *counts.entry(k).or_default() += 1;
         }
     }
@@ -183,7 +183,7 @@ fn upsert_collection(org: &mut Org, ver: &str, object: &str, field: &str, body: 
     for r in records {
         let mut fields: Map<String, Value> = r.as_object().cloned().unwrap_or_default();
         fields.remove("attributes");
-        let key = fields.remove(field).as_ref().and_then(external_text);
+        let key = fields.remove(field).as_ref().and_then(store::text);
         let outcome = match key {
             None => {
                 Err(RecordError::new("MISSING_ARGUMENT", format!("{field} not specified"), vec![field.to_string()]))
@@ -229,14 +229,6 @@ fn upsert_collection(org: &mut Org, ver: &str, object: &str, field: &str, body: 
         }
     }
     (200, Value::Array(results))
-}
-
-fn external_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
 }
 
 /// `POST /composite`: up to 25 subrequests on sObject rows by external ID, `@{ref.field}`
@@ -312,7 +304,7 @@ fn resolve(v: &Value, bodies: &HashMap<String, Value>) -> Option<Value> {
                 out.push_str(&rest[..start]);
                 let end = rest[start..].find('}')? + start;
                 let (reference, field) = rest[start + 2..end].split_once('.')?;
-                out.push_str(&external_text(bodies.get(reference)?.get(field)?)?);
+                out.push_str(&store::text(bodies.get(reference)?.get(field)?)?);
                 rest = &rest[end + 1..];
             }
             out.push_str(rest);

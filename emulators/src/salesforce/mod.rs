@@ -102,7 +102,7 @@ pub(crate) struct Org {
 
 impl Org {
     fn now_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0) + self.clock_offset_ms
+        crate::clock_ms(self.clock_offset_ms)
     }
 
     fn count(&mut self, what: &str) {

@@ -97,7 +97,7 @@ pub fn record_id(prefix: &str, serial: u64) -> String {
 }
 
 /// A field value as the text it would have in Salesforce (for external ID matching).
-fn text(v: &Value) -> Option<String> {
+pub fn text(v: &Value) -> Option<String> {
     match v {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
