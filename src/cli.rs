@@ -35,6 +35,8 @@ pub enum Command {
         #[command(subcommand)]
         action: ConflictCommand,
     },
+    /// Backfill tables while the pipeline streams; follows progress until done.
+    Backfill(BackfillArgs),
     /// Show position, slot lag, events/s and sink progress.
     Status {
         file: PathBuf,
@@ -42,6 +44,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `sluice backfill`.
+#[derive(Debug, clap::Args)]
+pub struct BackfillArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// A table to read again (schema.table); repeat for several.
+    #[arg(long = "table", required = true)]
+    pub tables: Vec<String>,
+    /// Only rows matching this SQL condition, as after WHERE.
+    #[arg(long = "where")]
+    pub filter: Option<String>,
+    /// Only keys from A (inclusive) to B (exclusive), e.g. 1000..2000 or ..500; needs a
+    /// single-column primary key.
+    #[arg(long)]
+    pub key_range: Option<String>,
+    /// Chunks read at once.
+    #[arg(long, default_value_t = 2)]
+    pub parallelism: u32,
+    /// Rows per chunk, the unit of checkpointing.
+    #[arg(long, default_value_t = 100_000)]
+    pub chunk_rows: u64,
+    /// Return once the pipeline has the request instead of following it to the end.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Which sink's queue; may be left out when the pipeline has one mapped sink.

@@ -1,5 +1,6 @@
 //! The `sluice` binary: the only place errors become exit codes and messages.
 
+mod backfill;
 mod cli;
 mod queues;
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Command::Validate { file } => validate(&file),
         Command::Run { file, until_idle } => run(&file, RunOptions { until_idle }),
         Command::Status { file, json } => status(&file, json),
+        Command::Backfill(args) => backfill::run(args),
         Command::Dlq { action } => queues::dlq(action),
         Command::Conflicts { action } => queues::conflicts(action),
     };
@@ -185,6 +187,18 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
         report.events_total, report.events_per_second, report.lag_seconds
     );
     println!("  log: head {}, oldest held {:?}", report.log_head, report.log_tail);
+    for b in &report.backfills {
+        println!(
+            "  backfill {} ({}) of {}: {}, {} rows, {} of {} blocks",
+            b.name,
+            b.id,
+            b.tables.join(", "),
+            b.state,
+            b.rows,
+            b.blocks_done,
+            b.blocks_total
+        );
+    }
     for s in &report.sinks {
         let (dead, parked) = queues.get(&s.name).copied().unwrap_or_default();
         println!(

@@ -1,5 +1,7 @@
 //! pgoutput messages to change events, in commit order.
 
+use super::backfill::fence::{Fence, Verdict};
+use super::backfill::{self, key_bytes, Backfills, Deposit, Outcome};
 use super::catalog::Catalog;
 use super::replication::WalMessage;
 use super::toast::ToastResolver;
@@ -70,10 +72,18 @@ pub struct Decoder {
     toast: ToastResolver,
     /// The highest LSN safe to acknowledge once the current batch is durable.
     ack: Option<u64>,
+    backfills: Arc<Backfills>,
+    /// Which keys of backfilled tables each transaction touched.
+    fence: Fence,
 }
 
 impl Decoder {
-    pub fn new(pipeline: &str, tables: &[TableId], registry: SchemaRegistry) -> Self {
+    pub fn new(pipeline: &str, tables: &[TableId], registry: SchemaRegistry, backfills: Arc<Backfills>) -> Self {
+        let mut fence = Fence::default();
+        // A new session re-receives streamed transactions from their start: none is blind.
+        for table in backfills.running_tables() {
+            fence.track(&table, []);
+        }
         Self {
             pipeline: pipeline.to_string(),
             tables: tables.to_vec(),
@@ -85,6 +95,8 @@ impl Decoder {
             stream_origin: HashMap::new(),
             toast: ToastResolver::default(),
             ack: None,
+            backfills,
+            fence,
         }
     }
 
@@ -99,6 +111,14 @@ impl Decoder {
 
     pub fn batch_committed(&mut self) {
         self.toast.batch_committed();
+        // Tables whose backfills ended (done or failed) need no more recording.
+        if !self.fence.idle() {
+            let running = self.backfills.running_tables();
+            self.fence.retain(|t| running.contains(t));
+            if running.is_empty() {
+                self.fence.prune(std::iter::empty());
+            }
+        }
     }
 
     pub async fn handle(
@@ -153,6 +173,9 @@ impl Decoder {
                 });
             }
             M::Commit { end_lsn, .. } => {
+                if let Some(tx) = &self.tx {
+                    self.fence.commit(tx.xid);
+                }
                 if let Some(tx) = self.tx.take().filter(|tx| tx.ordinal > 0) {
                     progress.last_data_ms.store(now_ms(), Ordering::Release);
                     progress.last_commit_us.store(tx.commit_ts_us as u64, Ordering::Release);
@@ -189,6 +212,7 @@ impl Decoder {
             M::StreamStop => self.stream = None,
             M::StreamCommit { xid, commit_lsn, end_lsn, timestamp, .. } => {
                 batch.promote(xid, commit_lsn, timestamp + PG_EPOCH_MICROS);
+                self.fence.commit(xid);
                 self.toast.promote(xid);
                 self.stream_seq.remove(&xid);
                 self.stream_origin.remove(&xid);
@@ -197,10 +221,17 @@ impl Decoder {
             }
             M::StreamAbort { xid, subtransaction_xid, .. } => {
                 batch.abort(xid, subtransaction_xid);
+                self.fence.abort(xid, subtransaction_xid);
                 if xid == subtransaction_xid {
                     self.toast.abort(xid);
                     self.stream_seq.remove(&xid);
                     self.stream_origin.remove(&xid);
+                }
+            }
+            M::Message { flags, prefix, content, .. } if prefix == backfill::PREFIX => {
+                // Backfill messages are transactional: they sit in commit order.
+                if flags & 1 == 1 && self.tx.is_some() {
+                    self.backfill_message(&content, batch, progress);
                 }
             }
             M::Message { flags, prefix, content, .. } => {
@@ -237,6 +268,82 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    fn backfill_message(&mut self, content: &[u8], batch: &mut WriteBatch, progress: &SourceProgress) {
+        match backfill::Message::decode(content) {
+            Some(backfill::Message::Request(request)) if request.pipeline == self.pipeline => {
+                let tables = request.tables.clone();
+                let (id, name) = (request.id.clone(), request.name.clone());
+                if self.backfills.add(*request) {
+                    tracing::info!(job = %id, name = %name, "backfill requested");
+                    for table in &tables {
+                        self.fence.track(table, self.stream_seq.keys().copied());
+                    }
+                }
+            }
+            Some(backfill::Message::High(piece)) => {
+                if let Some(deposit) = self.backfills.take_deposit(&piece) {
+                    self.land(deposit, batch, progress);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Lands a backfill piece at the current transaction's commit position: the rows no
+    /// transaction unseen by the piece's snapshot touched.
+    fn land(&mut self, deposit: Deposit, batch: &mut WriteBatch, progress: &SourceProgress) {
+        let Deposit { job, table, chunk, last, ticket: _, snapshot, schema, rows, reply } = deposit;
+        let (stale, everything) = match self.fence.judge(&schema.table, &snapshot) {
+            Verdict::Redo => {
+                let _ = reply.send(Outcome::Redo);
+                return;
+            }
+            Verdict::Land { stale, everything } => (stale, everything),
+        };
+        let tx = self.tx.as_ref().expect("backfill messages are transactional");
+        let (lsn, commit_ts_us) = (tx.commit_lsn, tx.commit_ts_us);
+        let (schema_id, schema) = self.registry.intern((*schema).clone(), batch);
+        batch.uses_schema(schema_id, &schema);
+        let key_idx = schema.key_indexes();
+        let mut landed = 0u64;
+        for row in rows.into_iter().filter(|_| !everything) {
+            let key: Row = key_idx.iter().map(|&k| row[k].clone()).collect();
+            if !stale.is_empty() && stale.contains(&key_bytes(&key)) {
+                continue;
+            }
+            batch.append(ChangeEvent {
+                table: schema.table.clone(),
+                schema_id,
+                op: Op::Read,
+                key,
+                before: None,
+                after: Some(row),
+                position: Position::snapshot(lsn, landed),
+                commit_ts_us,
+                tx_id: None,
+                toast_fetched: false,
+                snapshot_last: false,
+                origin: None,
+            });
+            landed += 1;
+        }
+        let now = now_ms();
+        let finished = self.backfills.with_book(|b| last && b.chunk_landed(&job, table, chunk, landed, now));
+        if !last {
+            self.backfills.with_book(|b| b.job_mut(&job).map(|j| j.tables[table].rows += landed));
+        }
+        if finished {
+            tracing::info!(job = %job, "backfill complete");
+        }
+        progress.events.fetch_add(landed, Ordering::Relaxed);
+        progress.last_data_ms.store(now, Ordering::Release);
+        metrics::counter!("sluice_backfill_rows_total", "table" => schema.table.to_string()).increment(landed);
+        if let Some(outstanding) = self.backfills.outstanding_snapshots() {
+            self.fence.prune(outstanding.iter());
+        }
+        let _ = reply.send(Outcome::Landed);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -335,6 +442,19 @@ impl Decoder {
         batch: &mut WriteBatch,
     ) {
         batch.uses_schema(schema_id, schema);
+        if !self.fence.idle() && self.fence.tracks(&event.table) {
+            let ids = match (self.stream, &self.tx) {
+                (Some(top), _) => Some((top, stream_xid.unwrap_or(top))),
+                (None, Some(tx)) => Some((tx.xid, tx.xid)),
+                (None, None) => None,
+            };
+            if let Some((top, sub)) = ids {
+                match event.op {
+                    Op::Truncate => self.fence.truncate(top, sub, &event.table),
+                    _ => self.fence.touch(top, sub, &event.table, key_bytes(&event.key)),
+                }
+            }
+        }
         match (self.stream, &mut self.tx) {
             (Some(top), _) => {
                 let seq = self.stream_seq.entry(top).or_default();

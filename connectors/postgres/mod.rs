@@ -1,6 +1,7 @@
 //! PostgreSQL source: logical replication with pgoutput, an initial snapshot from the slot's
 //! exported snapshot, and acknowledgement only of what is durable in the log.
 
+pub mod backfill;
 mod catalog;
 pub mod client;
 pub mod copy_binary;
@@ -18,6 +19,7 @@ use crate::event::format_lsn;
 use crate::log::{EmbeddedLog, WriteBatch};
 use crate::runtime::progress::{now_ms, SourceProgress};
 use crate::runtime::Shutdown;
+use backfill::Backfills;
 use decoder::Decoder;
 use replication::ReplicationStream;
 use snapshot::{ExportedSnapshot, SnapshotProgress, SnapshotTable, PROGRESS_KEY};
@@ -39,6 +41,8 @@ pub struct PostgresSource {
     pipeline: String,
     log: EmbeddedLog,
     progress: Arc<SourceProgress>,
+    /// Backfill jobs, shared with their workers and the status report.
+    backfills: Arc<Backfills>,
     shutdown: Shutdown,
 }
 
@@ -48,9 +52,10 @@ impl PostgresSource {
         pipeline: &str,
         log: EmbeddedLog,
         progress: Arc<SourceProgress>,
+        backfills: Arc<Backfills>,
         shutdown: Shutdown,
     ) -> Self {
-        Self { cfg, pipeline: pipeline.to_string(), log, progress, shutdown }
+        Self { cfg, pipeline: pipeline.to_string(), log, progress, backfills, shutdown }
     }
 
     /// Checks the tables and prepares the publication: configuration errors surface here,
@@ -179,6 +184,8 @@ impl PostgresSource {
         if !self.progress.snapshot_done.swap(true, Ordering::AcqRel) {
             self.progress.last_data_ms.store(now_ms(), Ordering::Release);
         }
+        let book = self.log.meta(backfill::BOOK_KEY).await?.map(|v| postcard::from_bytes(&v)).transpose()?;
+        self.backfills.reload(book.unwrap_or_default());
         stream.start(stored_ack.unwrap_or(0)).await?;
         let acked = stored_ack.or(slot_lsn).unwrap_or(0);
         self.progress.acked_lsn.fetch_max(acked, Ordering::AcqRel);
@@ -243,8 +250,13 @@ impl PostgresSource {
             self.progress.clone(),
             cancel.clone(),
         ));
-        let mut decoder =
-            Decoder::new(&self.pipeline, &self.cfg.tables, decoder::SchemaRegistry::load(&self.log).await?);
+        let backfills = tokio::spawn(backfill::manage(self.backfills.clone(), self.cfg.conn.clone(), cancel.clone()));
+        let mut decoder = Decoder::new(
+            &self.pipeline,
+            &self.cfg.tables,
+            decoder::SchemaRegistry::load(&self.log).await?,
+            self.backfills.clone(),
+        );
         let result = async {
             let mut batch = WriteBatch::new();
             let mut batch_deadline: Option<tokio::time::Instant> = None;
@@ -272,6 +284,7 @@ impl PostgresSource {
         cancel.cancel();
         let _ = reader.await;
         let _ = heartbeat.await;
+        let _ = backfills.await;
         result
     }
 
@@ -282,10 +295,14 @@ impl PostgresSource {
         feedback: &replication::Feedback,
     ) -> Result<()> {
         let ack = decoder.take_ack();
-        if batch.is_empty() && ack.is_none() {
+        let book = self.backfills.take_dirty();
+        if batch.is_empty() && ack.is_none() && book.is_none() {
             return Ok(());
         }
         let mut full = std::mem::take(batch);
+        if let Some(book) = book {
+            full.put_meta(backfill::BOOK_KEY, book);
+        }
         if let Some(lsn) = ack {
             full.put_meta(ACK_KEY, postcard::to_allocvec(&lsn)?);
         }

@@ -130,7 +130,7 @@ pub async fn run(
         let key_idx = t.schema.key_indexes();
         while !progress.tables[idx].done {
             let plan = planner.next(&progress.tables[idx].next);
-            let mut reader = ChunkReader::open(&tx, &t.schema, &plan).await?;
+            let mut reader = ChunkReader::open(&tx, &t.schema, &plan, None).await?;
             let (mut chunk_rows_read, mut chunk_bytes) = (0, 0);
             loop {
                 if shutdown.is_requested() {
@@ -211,20 +211,20 @@ const READER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20
 const FIRST_CHUNK_BLOCKS: u32 = 32;
 
 /// One chunk: heap blocks `start..end` of a table whose storage file is `filenode`.
-struct ChunkPlan {
-    filenode: u32,
-    start: u32,
+pub(super) struct ChunkPlan {
+    pub filenode: u32,
+    pub start: u32,
     /// Resuming inside `start`: only its tuples after this offset.
-    after: Option<u16>,
-    end: u32,
+    pub after: Option<u16>,
+    pub end: u32,
     /// `end` is the table's size in blocks: this is its last chunk.
-    last: bool,
+    pub last: bool,
 }
 
 impl ChunkPlan {
     /// Types without a simple binary form are selected as text and decoded like the stream's;
-    /// `ctid` comes last, to record where a piece ends.
-    fn sql(&self, schema: &TableSchema) -> String {
+    /// `ctid` comes last, to record where a piece ends. `filter` (a backfill's) narrows the rows.
+    fn sql(&self, schema: &TableSchema, filter: Option<&str>) -> String {
         let cols: Vec<String> = schema
             .columns
             .iter()
@@ -237,8 +237,9 @@ impl ChunkPlan {
             Some(offset) => format!("ctid > '({},{offset})'::tid", self.start),
             None => format!("ctid >= '({},0)'::tid", self.start),
         };
+        let filter = filter.map(|f| format!(" AND ({f})")).unwrap_or_default();
         format!(
-            "COPY (SELECT {}, ctid FROM {} WHERE {from} AND ctid < '({},0)'::tid) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {}, ctid FROM {} WHERE {from} AND ctid < '({},0)'::tid{filter}) TO STDOUT (FORMAT binary)",
             cols.join(", "),
             qualified(&schema.table),
             self.end
@@ -320,18 +321,18 @@ impl ChunkPlanner {
 }
 
 /// Rows of a chunk committed together.
-struct Piece {
-    rows: Vec<Vec<Value>>,
+pub(super) struct Piece {
+    pub rows: Vec<Vec<Value>>,
     /// COPY bytes read for these rows.
     bytes: usize,
     /// The `ctid` (block, offset) of the piece's last row.
     resume_after: Option<(u32, u16)>,
     /// The chunk's COPY ended with this piece.
-    complete: bool,
+    pub complete: bool,
 }
 
 /// A chunk's COPY stream, decoded and cut into pieces.
-struct ChunkReader<'a> {
+pub(super) struct ChunkReader<'a> {
     stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
     schema: &'a TableSchema,
     /// Received bytes not yet parsed start at `pending[start..]`.
@@ -342,8 +343,13 @@ struct ChunkReader<'a> {
 }
 
 impl<'a> ChunkReader<'a> {
-    async fn open(tx: &Transaction<'_>, schema: &'a TableSchema, plan: &ChunkPlan) -> Result<Self> {
-        let stream = tx.copy_out(&plan.sql(schema)).await.map_err(|e| query_error("snapshot COPY", e))?;
+    pub async fn open(
+        tx: &Transaction<'_>,
+        schema: &'a TableSchema,
+        plan: &ChunkPlan,
+        filter: Option<&str>,
+    ) -> Result<Self> {
+        let stream = tx.copy_out(&plan.sql(schema, filter)).await.map_err(|e| query_error("snapshot COPY", e))?;
         Ok(Self {
             stream: Box::pin(stream),
             schema,
@@ -361,7 +367,7 @@ impl<'a> ChunkReader<'a> {
     /// Reads rows until `max_rows` or [`PIECE_BYTES`] are reached or the chunk ends. Always
     /// returns a piece (empty only for a chunk without rows), so the chunk's end is committed
     /// as progress.
-    async fn next_piece(&mut self, max_rows: usize) -> Result<Piece> {
+    pub async fn next_piece(&mut self, max_rows: usize) -> Result<Piece> {
         let mut piece = Piece { rows: Vec::new(), bytes: 0, resume_after: None, complete: false };
         loop {
             let full = piece.rows.len() >= max_rows.max(1) || piece.bytes >= PIECE_BYTES;
@@ -446,13 +452,14 @@ mod tests {
             toast_target: 0,
         };
         assert_eq!(
-            plan.sql(&schema),
+            plan.sql(&schema, None),
             "COPY (SELECT \"id\", \"v\"::text, ctid FROM \"public\".\"t\" \
              WHERE ctid > '(40,12)'::tid AND ctid < '(60,0)'::tid) TO STDOUT (FORMAT binary)"
         );
         let plan = p.next(&ChunkStart::Block { filenode: 7, block: 90 });
         assert_eq!((plan.start, plan.after, plan.end, plan.last), (90, None, 100, true));
-        assert!(plan.sql(&schema).contains("WHERE ctid >= '(90,0)'::tid AND ctid < '(100,0)'::tid"));
+        assert!(plan.sql(&schema, Some("v > '1 day'")).ends_with("AND ctid < '(100,0)'::tid AND (v > '1 day')) TO STDOUT (FORMAT binary)"));
+        assert!(plan.sql(&schema, None).contains("WHERE ctid >= '(90,0)'::tid AND ctid < '(100,0)'::tid"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Pipeline files: parsed into [`raw`] structs, then validated (no network, no spawning) into a
 //! typed [`Pipeline`]. Every error names the file, line and column, and says how to fix it.
 
+mod backfill;
 mod crm;
 mod mapped;
 mod pipeline;

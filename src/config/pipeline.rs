@@ -18,7 +18,30 @@ pub struct Pipeline {
     pub transport: TransportConfig,
     pub sinks: Vec<SinkConfig>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Backfills run on a schedule while the pipeline streams.
+    pub backfills: Vec<BackfillSchedule>,
 }
+
+/// A backfill run at the slots of a cron expression, in a time zone.
+#[derive(Debug, Clone)]
+pub struct BackfillSchedule {
+    pub name: String,
+    pub cron: croner::Cron,
+    pub time_zone: chrono_tz::Tz,
+    pub tables: Vec<TableId>,
+    /// The `where` clause, and where it is in the file (for errors the database finds).
+    pub filter: Option<String>,
+    pub filter_at: Option<(u64, u64)>,
+    /// Incremental runs read only rows whose cursor column grew since the last run.
+    pub cursor: Option<String>,
+    pub parallelism: u32,
+    pub chunk_rows: u64,
+}
+
+/// Chunks read at once by a backfill unless it says otherwise.
+pub const DEFAULT_BACKFILL_PARALLELISM: u32 = 2;
+/// Rows per backfill chunk (the unit of checkpointing) unless it says otherwise.
+pub const DEFAULT_BACKFILL_CHUNK_ROWS: u64 = 100_000;
 
 #[derive(Debug, Clone)]
 pub enum SourceConfig {

@@ -20,6 +20,29 @@ pub struct RawPipeline {
     pub sinks: Spanned<Vec<RawSink>>,
     #[serde(default)]
     pub metrics: Option<RawMetrics>,
+    #[serde(default)]
+    pub backfills: Vec<RawBackfill>,
+}
+
+/// A scheduled backfill.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackfill {
+    pub name: Spanned<String>,
+    pub schedule: Spanned<String>,
+    #[serde(default)]
+    pub time_zone: Option<Spanned<String>>,
+    pub tables: Spanned<Vec<Spanned<String>>>,
+    #[serde(default, rename = "where")]
+    pub filter: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cursor: Option<Spanned<String>>,
+    #[serde(default)]
+    pub parallelism: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub chunk_rows: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -150,7 +150,8 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
             )
         })?),
     };
-    Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen })
+    let backfills = super::backfill::schedules(&cx, raw.backfills)?;
+    Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen, backfills })
 }
 
 fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresSourceConfig, ConfigError> {

@@ -1,6 +1,8 @@
 //! Runs a validated pipeline: the source writes to the log, one runner per sink reads from it.
 
 pub mod progress;
+pub mod schedule;
+mod scheduled;
 pub mod shutdown;
 pub mod sink;
 mod sink_runner;
@@ -10,6 +12,7 @@ pub use shutdown::Shutdown;
 
 use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
 use crate::connectors::parquet::ParquetSink;
+use crate::connectors::postgres::backfill::Backfills;
 use crate::connectors::postgres::PostgresSource;
 use crate::connectors::{hubspot, pgsink, salesforce};
 use crate::error::{Error, Result};
@@ -43,6 +46,11 @@ fn register_metrics(sinks: &[String]) {
     describe_counter!("sluice_toast_fetched_total", "Changes whose unchanged TOAST value was read from the source");
     describe_counter!("sluice_sink_writes_total", "Upserts and deletes a mapped sink sent to its target");
     describe_counter!("sluice_dead_letters_total", "Records a mapped sink set aside in its dead-letter queue");
+    describe_counter!("sluice_backfill_rows_total", "Rows landed by backfills, by table");
+    describe_gauge!("sluice_backfill_rows", "Rows landed by a backfill job so far");
+    describe_gauge!("sluice_backfill_blocks_done", "Heap blocks of a backfill job's tables read and landed");
+    describe_gauge!("sluice_backfill_blocks_total", "Heap blocks of a backfill job's tables");
+    describe_gauge!("sluice_backfill_running", "1 while a backfill job runs, by job and name");
     counter!("sluice_toast_fetched_total").increment(0);
     counter!("sluice_events_in_total").increment(0);
     counter!("sluice_retries_total", "stage" => "source").increment(0);
@@ -68,9 +76,20 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     // The idle window of `--until-idle` counts from the start, not from the epoch.
     source_progress.last_data_ms.store(progress::now_ms(), Ordering::Release);
     let SourceConfig::Postgres(pg) = pipeline.source.clone();
-    let source = PostgresSource::new(pg, &pipeline.name, log.clone(), source_progress.clone(), shutdown.clone());
-    // Configuration problems (tables, keys, publication) stop the run before anything starts.
+    let backfills = Arc::new(Backfills::default());
+    let source = PostgresSource::new(
+        pg,
+        &pipeline.name,
+        log.clone(),
+        source_progress.clone(),
+        backfills.clone(),
+        shutdown.clone(),
+    );
+    // Configuration problems (tables, keys, publication, backfill clauses) stop the run
+    // before anything starts.
     let catalog = source.prepare().await?;
+    let SourceConfig::Postgres(pg) = &pipeline.source;
+    scheduled::check(&pipeline.file, &pipeline.backfills, pg).await?;
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
     register_metrics(&sink_names);
@@ -126,7 +145,22 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
     }
     tasks.spawn(async move { source.run(catalog).await.map_err(|e| ("source".to_string(), e)) });
-    let reporter = status::Reporter::new(pipeline.name.clone(), log.clone(), source_progress.clone(), statuses.clone());
+    if !pipeline.backfills.is_empty() {
+        let schedules =
+            scheduled::run(pipeline.name.clone(), pipeline.backfills.clone(), pg.clone(), log.clone(), backfills.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = schedules.await {
+                tracing::error!(error = %e, "backfill schedules stopped");
+            }
+        });
+    }
+    let reporter = status::Reporter::new(
+        pipeline.name.clone(),
+        log.clone(),
+        source_progress.clone(),
+        statuses.clone(),
+        backfills.clone(),
+    );
     // The reporter outlives the tasks so its last report shows the drained, final state.
     let finished = Shutdown::new();
     let reporter_task = tokio::spawn(reporter.run(finished.clone()));

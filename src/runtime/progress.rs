@@ -67,6 +67,9 @@ pub struct StatusReport {
     pub log_head: u64,
     pub log_tail: Option<u64>,
     pub sinks: Vec<SinkStatus>,
+    /// Backfill jobs, running and recently finished.
+    #[serde(default)]
+    pub backfills: Vec<crate::connectors::postgres::backfill::BackfillStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 
 use super::progress::{now_ms, SinkStatus, SourceProgress, StatusReport};
 use super::Shutdown;
+use crate::connectors::postgres::backfill::{BackfillStatus, Backfills};
 use crate::event::format_lsn;
 use crate::log::EmbeddedLog;
 use std::path::Path;
@@ -16,7 +17,11 @@ pub struct Reporter {
     log: EmbeddedLog,
     source: Arc<SourceProgress>,
     sinks: Vec<Arc<Mutex<SinkStatus>>>,
+    backfills: Arc<Backfills>,
 }
+
+/// How often a running backfill's progress is logged.
+const BACKFILL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Reporter {
     pub fn new(
@@ -24,19 +29,25 @@ impl Reporter {
         log: EmbeddedLog,
         source: Arc<SourceProgress>,
         sinks: Vec<Arc<Mutex<SinkStatus>>>,
+        backfills: Arc<Backfills>,
     ) -> Self {
-        Self { pipeline, log, source, sinks }
+        Self { pipeline, log, source, sinks, backfills }
     }
 
     /// Rewrites the status file every second, and once more at shutdown.
     pub async fn run(self, shutdown: Shutdown) {
         let mut last = (now_ms(), self.source.events.load(Ordering::Relaxed));
+        let mut logged = std::time::Instant::now();
         loop {
             let stop = tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                 _ = shutdown.requested() => true,
             };
             let report = self.report(&mut last).await;
+            if logged.elapsed() >= BACKFILL_LOG_EVERY {
+                logged = std::time::Instant::now();
+                log_backfills(&report.backfills);
+            }
             if let Err(e) = write_status(self.log.dir(), &report) {
                 tracing::debug!(error = %e, "cannot write status file");
             }
@@ -79,7 +90,39 @@ impl Reporter {
             log_head: self.log.head(),
             log_tail: self.log.tail().await.ok().flatten(),
             sinks: self.sinks.iter().map(|x| x.lock().expect("status lock").clone()).collect(),
+            backfills: self.backfill_metrics(),
         }
+    }
+
+    fn backfill_metrics(&self) -> Vec<BackfillStatus> {
+        let jobs = self.backfills.status();
+        for j in &jobs {
+            let labels = [("job", j.id.clone()), ("name", j.name.clone())];
+            metrics::gauge!("sluice_backfill_rows", &labels).set(j.rows as f64);
+            metrics::gauge!("sluice_backfill_blocks_done", &labels).set(j.blocks_done as f64);
+            metrics::gauge!("sluice_backfill_blocks_total", &labels).set(j.blocks_total as f64);
+            metrics::gauge!("sluice_backfill_running", &labels).set(f64::from(u8::from(j.state == "running")));
+        }
+        jobs
+    }
+}
+
+/// One structured progress event per running backfill.
+fn log_backfills(jobs: &[BackfillStatus]) {
+    let now = now_ms();
+    for j in jobs.iter().filter(|j| j.state == "running") {
+        let secs = now.saturating_sub(j.started_ms) as f64 / 1000.0;
+        let done = j.blocks_done as f64 / j.blocks_total.max(1) as f64;
+        let eta_s = (done > 0.0).then(|| secs * (1.0 - done) / done).map(|s| s.round() as u64);
+        tracing::info!(
+            job = %j.id,
+            name = %j.name,
+            rows = j.rows,
+            rows_per_s = (j.rows as f64 / secs.max(0.001)).round() as u64,
+            percent = (done * 1000.0).round() / 10.0,
+            eta_s,
+            "backfill progress"
+        );
     }
 }
 
