@@ -458,7 +458,9 @@ mod tests {
         );
         let plan = p.next(&ChunkStart::Block { filenode: 7, block: 90 });
         assert_eq!((plan.start, plan.after, plan.end, plan.last), (90, None, 100, true));
-        assert!(plan.sql(&schema, Some("v > '1 day'")).ends_with("AND ctid < '(100,0)'::tid AND (v > '1 day')) TO STDOUT (FORMAT binary)"));
+        assert!(plan
+            .sql(&schema, Some("v > '1 day'"))
+            .ends_with("AND ctid < '(100,0)'::tid AND (v > '1 day')) TO STDOUT (FORMAT binary)"));
         assert!(plan.sql(&schema, None).contains("WHERE ctid >= '(90,0)'::tid AND ctid < '(100,0)'::tid"));
     }
 

@@ -11,7 +11,9 @@ pub(super) fn schedules(cx: &Ctx, raw: Vec<RawBackfill>) -> Result<Vec<BackfillS
     let mut out: Vec<BackfillSchedule> = Vec::new();
     for b in raw {
         let name = b.name.value.trim().to_string();
-        if name.is_empty() || name == "adhoc" || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        if name.is_empty()
+            || name == "adhoc"
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(cx.err(
                 &b.name,
@@ -20,7 +22,11 @@ pub(super) fn schedules(cx: &Ctx, raw: Vec<RawBackfill>) -> Result<Vec<BackfillS
             ));
         }
         if out.iter().any(|o| o.name == name) {
-            return Err(cx.err(&b.name, format!("backfills: two backfills are named `{name}`"), "give each a unique name"));
+            return Err(cx.err(
+                &b.name,
+                format!("backfills: two backfills are named `{name}`"),
+                "give each a unique name",
+            ));
         }
         let field = |key: &str| format!("backfills[{name}].{key}");
         let cron = b.schedule.value.parse::<croner::Cron>().map_err(|e| {
@@ -48,7 +54,11 @@ pub(super) fn schedules(cx: &Ctx, raw: Vec<RawBackfill>) -> Result<Vec<BackfillS
             tables.push(id);
         }
         if tables.is_empty() {
-            return Err(cx.err(&b.tables, format!("{}: the list is empty", field("tables")), "list the tables to read"));
+            return Err(cx.err(
+                &b.tables,
+                format!("{}: the list is empty", field("tables")),
+                "list the tables to read",
+            ));
         }
         let cursor = match (b.mode.as_ref().map(|m| m.value.as_str()), &b.cursor) {
             (None | Some("full"), None) => None,
@@ -84,14 +94,28 @@ pub(super) fn schedules(cx: &Ctx, raw: Vec<RawBackfill>) -> Result<Vec<BackfillS
         };
         let chunk_rows = match &b.chunk_rows {
             Some(n) if n.value == 0 => {
-                return Err(cx.err(n, format!("{}: must be at least 1", field("chunk_rows")), "use a value like 100000"))
+                return Err(cx.err(
+                    n,
+                    format!("{}: must be at least 1", field("chunk_rows")),
+                    "use a value like 100000",
+                ))
             }
             Some(n) => n.value,
             None => DEFAULT_BACKFILL_CHUNK_ROWS,
         };
         let filter_at = b.filter.as_ref().map(|f| (f.referenced.line(), f.referenced.column()));
         let filter = b.filter.map(|f| f.value.trim().to_string()).filter(|f| !f.is_empty());
-        out.push(BackfillSchedule { name, cron, time_zone, tables, filter, filter_at, cursor, parallelism, chunk_rows });
+        out.push(BackfillSchedule {
+            name,
+            cron,
+            time_zone,
+            tables,
+            filter,
+            filter_at,
+            cursor,
+            parallelism,
+            chunk_rows,
+        });
     }
     Ok(out)
 }

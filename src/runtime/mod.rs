@@ -146,8 +146,14 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     }
     tasks.spawn(async move { source.run(catalog).await.map_err(|e| ("source".to_string(), e)) });
     if !pipeline.backfills.is_empty() {
-        let schedules =
-            scheduled::run(pipeline.name.clone(), pipeline.backfills.clone(), pg.clone(), log.clone(), backfills.clone(), shutdown.clone());
+        let schedules = scheduled::run(
+            pipeline.name.clone(),
+            pipeline.backfills.clone(),
+            pg.clone(),
+            log.clone(),
+            backfills.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             if let Err(e) = schedules.await {
                 tracing::error!(error = %e, "backfill schedules stopped");

@@ -145,8 +145,14 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let stop = Shutdown::new();
         let flag = busy.clone();
-        let task =
-            tokio::spawn(run(vec![every], HashMap::new(), clock, move |_| flag.load(Ordering::SeqCst), tx, stop.clone()));
+        let task = tokio::spawn(run(
+            vec![every],
+            HashMap::new(),
+            clock,
+            move |_| flag.load(Ordering::SeqCst),
+            tx,
+            stop.clone(),
+        ));
         assert_eq!(rx.recv().await.unwrap().slot, utc(2026, 11, 26, 12, 15), "no run at start for a new schedule");
         busy.store(true, Ordering::SeqCst);
         // 12:30 and 12:45 come while the 12:15 run is still going: skipped, not queued.

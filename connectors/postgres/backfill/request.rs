@@ -56,8 +56,7 @@ pub async fn submit(conn: &PgConnection, mut request: BackfillRequest, key_range
         let info = catalog.table(table).await?;
         let mut conditions: Vec<String> = request.filter.iter().cloned().collect();
         if let Some(range) = key_range {
-            let keys: Vec<&str> =
-                info.schema.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
+            let keys: Vec<&str> = info.schema.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
             let [key] = keys[..] else {
                 return Err(Error::config(format!(
                     "--key-range needs a single-column primary key; {table} has ({}). Use --where instead",

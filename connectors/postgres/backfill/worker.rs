@@ -28,9 +28,9 @@ pub async fn manage(backfills: Arc<Backfills>, conn: PgConnection, cancel: Cance
         jobs.retain(|_, task| !task.is_finished());
         for job in backfills.book().running() {
             let id = job.request.id.clone();
-            if !jobs.contains_key(&id) {
-                let run = JobRun { backfills: backfills.clone(), conn: conn.clone(), id: id.clone(), cancel: cancel.clone() };
-                jobs.insert(id, tokio::spawn(run.run()));
+            if let std::collections::hash_map::Entry::Vacant(slot) = jobs.entry(id.clone()) {
+                let run = JobRun { backfills: backfills.clone(), conn: conn.clone(), id, cancel: cancel.clone() };
+                slot.insert(tokio::spawn(run.run()));
             }
         }
         tokio::select! {
@@ -128,7 +128,8 @@ impl JobRun {
                     conditions.push(format!("{column} <= {}", quote_literal(upto)));
                 }
             }
-            let filter = (!conditions.is_empty()).then(|| conditions.iter().map(|c| format!("({c})")).collect::<Vec<_>>().join(" AND "));
+            let filter = (!conditions.is_empty())
+                .then(|| conditions.iter().map(|c| format!("({c})")).collect::<Vec<_>>().join(" AND "));
             tables.push(TableWork { schema: Arc::new(info.schema), oid: info.oid, filter, plan });
         }
         settle(catalog.client()).await?;
@@ -207,7 +208,7 @@ async fn settle(client: &Client) -> Result<()> {
     loop {
         let row = client
             .query_one(
-                "SELECT count(*) FROM unnest(pg_snapshot_xip(pg_current_snapshot())) x \
+                "SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x \
                  WHERE pg_xact_status(x) = 'committed'",
                 &[],
             )
@@ -293,7 +294,12 @@ impl ChunkWorker {
                 }
             }
             let (reply, receive) = tokio::sync::oneshot::channel();
-            let id = format!("{}/{table}/{chunk}/{}-{}", self.job, std::process::id(), PIECES.fetch_add(1, Ordering::Relaxed));
+            let id = format!(
+                "{}/{table}/{chunk}/{}-{}",
+                self.job,
+                std::process::id(),
+                PIECES.fetch_add(1, Ordering::Relaxed)
+            );
             let complete = piece.complete;
             self.backfills.deposit(
                 id.clone(),
@@ -310,7 +316,8 @@ impl ChunkWorker {
                 },
             );
             let content = Message::High(id.clone()).encode();
-            if let Err(e) = self.control.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&PREFIX, &content]).await
+            if let Err(e) =
+                self.control.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&PREFIX, &content]).await
             {
                 self.backfills.take_deposit(&id);
                 return Err(query_error("backfill watermark", e));
