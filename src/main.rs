@@ -99,6 +99,21 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
             ),
         }
     }
+    for b in &p.backfills {
+        let tables: Vec<String> = b.tables.iter().map(|t| t.to_string()).collect();
+        let mode = match &b.cursor {
+            Some(c) => format!("incremental by {c}"),
+            None => "full".to_string(),
+        };
+        println!(
+            "  backfill {}: `{}` in {}, tables [{}], {mode}, {} chunks at once",
+            b.name,
+            b.cron.pattern,
+            b.time_zone,
+            tables.join(", "),
+            b.parallelism
+        );
+    }
     Ok(())
 }
 

@@ -401,3 +401,55 @@ async fn a_mapping_naming_a_missing_column_stops_the_run() {
     );
     assert!(err.contains(r#"ALTER TABLE "public"."contacts" ADD COLUMN "_sluice_hash" text"#), "{err}");
 }
+
+#[test]
+fn backfill_schedule_mistakes_are_named_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |block: &str| format!("{GOOD}backfills:\n  - name: nightly\n    tables: [public.t]\n{block}");
+    refused_with_fixes(
+        dir.path(),
+        &[
+            (
+                with("    schedule: \"0 25 * * *\"\n"),
+                "backfills[nightly].schedule: `0 25 * * *` is not a cron expression",
+                "minute hour day-of-month",
+            ),
+            (
+                with("    schedule: \"0 2 * * *\"\n    time_zone: Mars/Olympus\n"),
+                "backfills[nightly].time_zone: `Mars/Olympus` is not a time zone",
+                "IANA name",
+            ),
+            (
+                with("    schedule: \"0 2 * * *\"\n    mode: incremental\n"),
+                "backfills[nightly].mode: incremental needs a cursor column",
+                "cursor: updated_at",
+            ),
+            (
+                with("    schedule: \"0 2 * * *\"\n    cursor: updated_at\n"),
+                "a cursor applies to incremental backfills only",
+                "mode: incremental",
+            ),
+            (
+                with("    schedule: \"0 2 * * *\"\n    mode: sometimes\n"),
+                "`sometimes` is not a backfill mode",
+                "`full` or `incremental`",
+            ),
+            (
+                with("    schedule: \"0 2 * * *\"\n    parallelism: 0\n"),
+                "backfills[nightly].parallelism: must be 1 to 64",
+                "2 or 4",
+            ),
+            (with("    schedule: \"0 2 * * *\"\n    wher: x > 1\n"), "unknown field `wher`", "remove the key"),
+        ],
+    );
+    let good = with(
+        "    schedule: \"0 2 * * *\"\n    time_zone: Europe/Berlin\n    mode: incremental\n    cursor: updated_at\n",
+    );
+    let out = sluice(&["validate", write(dir.path(), &good).to_str().unwrap()], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("backfill nightly: `0 2 * * *` in Europe/Berlin, tables [public.t], incremental by updated_at"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,172 @@
+//! Backfill benchmark against the real PostgreSQL, with a same-run baseline.
+//!
+//! Prints backfill rows/s of a table into Parquet (the pipeline streaming meanwhile) with 1, 2
+//! and 4 chunks read in parallel, next to `COPY ... TO STDOUT` of the same table read by a
+//! client that only counts rows, run before each backfill; CPU seconds and peak RSS of the
+//! `sluice run` process that did the backfill.
+//!
+//!   cargo bench --bench backfill                      (after scripts/services.sh; 10M rows)
+//!   SLUICE_BENCH_BACKFILL_ROWS=1000000 cargo bench --bench backfill
+//!
+//! No thresholds: the figures are printed, not asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+const DB: &str = "sluice_bench_backfill";
+
+async fn connect(db: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 user=cdc password=cdc dbname={db}"), NoTls)
+        .await
+        .expect("PostgreSQL from scripts/services.sh");
+    tokio::spawn(conn);
+    c
+}
+
+/// Rows/s of `COPY bf_orders TO STDOUT`, counting rows only.
+async fn copy_rate(db: &Client) -> f64 {
+    let started = Instant::now();
+    let stream = db.copy_out("COPY bf_orders TO STDOUT").await.unwrap();
+    futures::pin_mut!(stream);
+    let mut copied = 0usize;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        copied += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
+    }
+    copied as f64 / started.elapsed().as_secs_f64()
+}
+
+fn status(data: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(data.join("status.json")).ok()?).ok()
+}
+
+/// CPU seconds (user + system) of a running process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Peak resident memory (MiB) of a running process, from /proc.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+fn sluice(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.args(args).env("RUST_LOG", "warn");
+    c
+}
+
+struct Run {
+    rate: f64,
+    cpu: f64,
+    rss: f64,
+    blocks: u64,
+}
+
+/// One pipeline, started fresh; one backfill of the whole table with `parallelism`.
+async fn backfill(work: &Path, rows: usize, parallelism: u32, admin: &Client) -> Run {
+    let name = format!("bf_bench_p{parallelism}");
+    let (data, lake) = (work.join(format!("data{parallelism}")), work.join(format!("lake{parallelism}")));
+    let file: PathBuf = work.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  tables: [public.bf_orders]\n  snapshot: never\n  heartbeat: 500ms\n\
+             transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n",
+            data.display(),
+            lake.display()
+        ),
+    )
+    .unwrap();
+    let mut child: Child = sluice(&["run", file.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let pid = child.id();
+    while !status(&data).is_some_and(|s| s["snapshot_done"] == true) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    let out = sluice(&["backfill", file.to_str().unwrap(), "--table", "public.bf_orders", "--detach"])
+        .args(["--parallelism", &parallelism.to_string(), "--chunk-rows", "100000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Done when the job has landed every chunk and the sink has made every event durable.
+    let blocks = loop {
+        if let Some(s) = status(&data) {
+            let job = &s["backfills"][0];
+            let head = s["log_head"].as_u64().unwrap_or(0);
+            let cursor = s["sinks"][0]["cursor"].as_u64().unwrap_or(0);
+            if job["state"] == "done"
+                && s["sinks"][0]["rows_written"].as_u64().unwrap_or(0) >= rows as u64
+                && cursor >= head
+            {
+                break job["blocks_total"].as_u64().unwrap_or(0);
+            }
+            assert!(!job["state"].as_str().unwrap_or("").starts_with("failed"), "{job}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = started.elapsed();
+    let (cpu, rss) = (cpu_seconds(pid) - cpu0, peak_rss_mib(pid));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_{name}")]).await;
+    let _ = std::fs::remove_dir_all(&lake);
+    let _ = std::fs::remove_dir_all(&data);
+    Run { rate: rows as f64 / elapsed.as_secs_f64(), cpu, rss, blocks }
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rows: usize =
+        std::env::var("SLUICE_BENCH_BACKFILL_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let admin = connect("cdc").await;
+    for p in [1, 2, 4] {
+        let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_bf_bench_p{p}")]).await;
+    }
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {DB}")).await.unwrap();
+    let db = connect(DB).await;
+    let loading = Instant::now();
+    db.batch_execute(&format!(
+        "CREATE TABLE bf_orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(12,2),
+           status text, payload text, created_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO bf_orders SELECT g, g % 10000, g * 0.01, 'new', md5(g::text) || md5((g+1)::text), now()
+           FROM generate_series(1, {rows}) g;"
+    ))
+    .await
+    .unwrap();
+    db.batch_execute("VACUUM ANALYZE bf_orders; CHECKPOINT").await.unwrap();
+    let bytes: i64 = db.query_one("SELECT pg_table_size('bf_orders')", &[]).await.unwrap().get(0);
+    println!(
+        "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s",
+        bytes as f64 / 1048576.0,
+        bytes / rows as i64,
+        loading.elapsed().as_secs_f64()
+    );
+    let work = tempfile::tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    for parallelism in [1, 2, 4] {
+        let copy = copy_rate(&db).await;
+        let run = backfill(work.path(), rows, parallelism, &admin).await;
+        println!(
+            "parallelism {parallelism}: {:>9.0} rows/s = {:>5.1}% of COPY ({copy:.0} rows/s just before); \
+             {:.2} CPU-s per million rows; peak RSS {:.0} MiB; {} blocks",
+            run.rate,
+            100.0 * run.rate / copy,
+            run.cpu / (rows as f64 / 1e6),
+            run.rss,
+            run.blocks
+        );
+    }
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();
+}
