@@ -273,3 +273,44 @@ async fn a_scheduled_incremental_backfill_reads_only_rows_whose_cursor_grew() {
     assert!(book.jobs.iter().all(|j| j.state == JobState::Done));
     assert!(book.marks["ledger-sync"].cursors["public.ledger"].starts_with("2027-01-01"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_range_backfill_reads_only_its_keys_and_reports_progress() {
+    let db = TestDb::new("bf_key_range").await;
+    db.client
+        .batch_execute(&format!("{ORDERS} INSERT INTO orders SELECT g, g, 'n' FROM generate_series(1, 300) g;"))
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = db.pipeline_file(&["public.orders"], "  snapshot: never\n", "");
+    let yaml = std::fs::read_to_string(&file).unwrap() + &format!("metrics:\n  listen: 127.0.0.1:{port}\n");
+    std::fs::write(&file, yaml).unwrap();
+    let running = Running::start(&file);
+    db.await_streaming(&running).await;
+    let path = file.to_str().unwrap();
+    let out = sluice(&["backfill", path, "--table", "public.orders", "--key-range", "100..150"], db.dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: 50 rows"));
+    let rows = eventually("the range in the lake", Duration::from_secs(30), || async {
+        let rows = changelog(&db.lake_dir(), "public.orders");
+        (rows.len() >= 50).then_some(rows)
+    })
+    .await;
+    let mut ids: Vec<i32> = rows.iter().map(|r| r.columns["id"].as_deref().unwrap().parse().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, (100..150).collect::<Vec<_>>());
+    assert!(rows.iter().all(|r| r.op == "read"));
+
+    let status = sluice(&["status", path], db.dir.path());
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("backfill adhoc (") && text.contains("public.orders: done, 50 rows"), "{text}");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let line =
+        |name: &str| metrics.lines().find(|l| l.starts_with(name)).map(|l| l.rsplit(' ').next().unwrap().to_string());
+    assert_eq!(line("sluice_backfill_rows{").as_deref(), Some("50"), "{metrics}");
+    assert_eq!(line("sluice_backfill_running{").as_deref(), Some("0"), "{metrics}");
+    assert_eq!(line("sluice_backfill_rows_total{").as_deref(), Some("50"), "{metrics}");
+    assert_eq!(line("sluice_backfill_blocks_done{"), line("sluice_backfill_blocks_total{"));
+    running.stop();
+}

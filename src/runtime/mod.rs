@@ -174,6 +174,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     if let Some(idle) = options.until_idle {
         let (progress, log, statuses, shutdown, drain) =
             (source_progress.clone(), log.clone(), statuses.clone(), shutdown.clone(), drain.clone());
+        let backfills = backfills.clone();
         tokio::spawn(async move {
             let idle_ms = idle.as_millis() as u64;
             let mut asked = Instant::now();
@@ -189,7 +190,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                 drain.store(quiet, Ordering::Release);
                 let head = log.head();
                 let durable = statuses.iter().all(|s| s.lock().expect("status lock").cursor >= head);
-                if quiet && durable {
+                // A running backfill is not idle, even between chunks.
+                if quiet && durable && backfills.running_tables().is_empty() {
                     tracing::info!(head, "caught up and idle; stopping");
                     shutdown.request();
                 }
