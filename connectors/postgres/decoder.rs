@@ -330,10 +330,7 @@ impl Decoder {
             landed += 1;
         }
         let now = now_ms();
-        let finished = self.backfills.with_book(|b| last && b.chunk_landed(&job, table, chunk, landed, now));
-        if !last {
-            self.backfills.with_book(|b| b.job_mut(&job).map(|j| j.tables[table].rows += landed));
-        }
+        let finished = self.backfills.with_book(|b| b.piece_landed(&job, table, chunk, landed, last, now));
         if finished {
             tracing::info!(job = %job, "backfill complete");
         }

@@ -134,14 +134,15 @@ impl Book {
         self.jobs.iter_mut().find(|j| j.request.id == id)
     }
 
-    /// Records that chunk `chunk` of table `table` of job `id` landed with `rows` rows;
-    /// returns whether that finished the job.
-    pub fn chunk_landed(&mut self, id: &str, table: usize, chunk: usize, rows: u64, now_ms: u64) -> bool {
+    /// Records that a piece of chunk `chunk` of table `table` of job `id` landed with `rows`
+    /// rows (`last`: the chunk's last piece); returns whether that finished the job.
+    pub fn piece_landed(&mut self, id: &str, table: usize, chunk: usize, rows: u64, last: bool, now_ms: u64) -> bool {
         let Some(job) = self.job_mut(id) else { return false };
         let run = &mut job.tables[table];
         run.rows += rows;
-        if let Some(done) = run.plan.as_mut().and_then(|p| p.done.get_mut(chunk)) {
-            *done = true;
+        match run.plan.as_mut().and_then(|p| p.done.get_mut(chunk)) {
+            Some(done) if last => *done = true,
+            _ => return false,
         }
         self.finish_if_done(id, now_ms)
     }
@@ -211,10 +212,11 @@ mod tests {
         run.plan = Some(Plan::new(9, 10, 4));
         run.cursor_upto = Some("2026-11-26".into());
         assert_eq!(run.plan.as_ref().unwrap().range(2), (8, 10));
-        assert!(!book.chunk_landed("a", 0, 0, 3, 2));
-        assert!(!book.chunk_landed("a", 0, 2, 1, 2));
+        assert!(!book.piece_landed("a", 0, 0, 3, true, 2));
+        assert!(!book.piece_landed("a", 0, 2, 1, true, 2));
         assert_eq!(book.jobs[0].tables[0].plan.as_ref().unwrap().blocks_done(), 6);
-        assert!(book.chunk_landed("a", 0, 1, 2, 3));
+        assert!(!book.piece_landed("a", 0, 1, 1, false, 2), "a chunk lands with its last piece");
+        assert!(book.piece_landed("a", 0, 1, 1, true, 3));
         assert_eq!(book.jobs[0].state, JobState::Done);
         assert_eq!(book.jobs[0].tables[0].rows, 6);
         assert_eq!(book.marks["nightly"].cursors["public.t"], "2026-11-26");

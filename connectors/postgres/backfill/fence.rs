@@ -251,4 +251,35 @@ mod tests {
         assert_eq!(f.judge(&t(), &TxSnapshot::parse("60:61:60").unwrap()), Verdict::Redo);
         assert!(matches!(f.judge(&t(), &TxSnapshot::parse("61:61:").unwrap()), Verdict::Land { .. }));
     }
+
+    fn snapshot(xmin: u64, xmax: u64, xip: &[u64]) -> TxSnapshot {
+        let mut xip: Vec<u64> = xip.iter().copied().filter(|x| *x >= xmin && *x < xmax).collect();
+        xip.sort_unstable();
+        xip.dedup();
+        TxSnapshot { xmin, xmax, xip }
+    }
+
+    proptest::proptest! {
+        /// Pruning by the outstanding snapshots never changes what they (or any snapshot taken
+        /// later, which sees at least as much) decide.
+        #[test]
+        fn pruning_keeps_every_outstanding_verdict(
+            txs in proptest::collection::vec((100u32..140, 0u8..20), 0..40),
+            snaps in proptest::collection::vec((100u64..140, 0u64..10, proptest::collection::vec(100u64..150, 0..5)), 1..4),
+        ) {
+            let mut f = Fence::default();
+            f.track(&t(), []);
+            for (xid, key) in &txs {
+                f.touch(*xid, *xid, &t(), vec![*key]);
+                f.commit(*xid);
+            }
+            let outstanding: Vec<TxSnapshot> =
+                snaps.iter().map(|(xmin, span, xip)| snapshot(*xmin, xmin + span, xip)).collect();
+            let later = snapshot(150, 150, &[]);
+            let before: Vec<Verdict> = outstanding.iter().chain([&later]).map(|s| f.judge(&t(), s)).collect();
+            f.prune(outstanding.iter());
+            let after: Vec<Verdict> = outstanding.iter().chain([&later]).map(|s| f.judge(&t(), s)).collect();
+            proptest::prop_assert_eq!(before, after);
+        }
+    }
 }

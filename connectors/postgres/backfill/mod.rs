@@ -139,9 +139,11 @@ impl Backfills {
 
     /// Adds a job; false if the request was seen before.
     pub fn add(&self, request: BackfillRequest) -> bool {
-        let added = self.lock().book.add(request, now_ms());
+        let mut inner = self.lock();
+        let added = inner.book.add(request, now_ms());
+        inner.dirty |= added;
+        drop(inner);
         if added {
-            self.lock().dirty = true;
             self.changed.notify_one();
         }
         added
