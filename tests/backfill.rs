@@ -78,19 +78,25 @@ async fn await_parity(db: &TestDb, table: &str, sql: &str) -> Vec<ChangeRow> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backfill_during_concurrent_writes_ends_in_exact_parity() {
-    let db = TestDb::new("bf_concurrent").await;
+/// A database with `rows` orders and a pipeline streaming it without a snapshot (so the
+/// table's rows reach the lake only through backfills), running.
+async fn streaming_orders(test: &str, rows: u32) -> (TestDb, std::path::PathBuf, Running) {
+    let db = TestDb::new(test).await;
     db.client
         .batch_execute(&format!(
-            "{ORDERS} INSERT INTO orders SELECT g, 0, md5(g::text) FROM generate_series(1, 20000) g; ANALYZE orders;"
+            "{ORDERS} INSERT INTO orders SELECT g, 0, md5(g::text) FROM generate_series(1, {rows}) g; ANALYZE orders;"
         ))
         .await
         .unwrap();
-    // The table's rows reach the lake only through the backfill.
     let file = db.pipeline_file(&["public.orders"], "  snapshot: never\n", "");
     let running = Running::start(&file);
     db.await_streaming(&running).await;
+    (db, file, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_during_concurrent_writes_ends_in_exact_parity() {
+    let (db, file, running) = streaming_orders("bf_concurrent", 20_000).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let s = seed();
@@ -126,16 +132,7 @@ async fn a_backfill_during_concurrent_writes_ends_in_exact_parity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_mid_backfill_resumes_and_redoes_at_most_the_chunks_in_flight() {
-    let db = TestDb::new("bf_crash").await;
-    db.client
-        .batch_execute(&format!(
-            "{ORDERS} INSERT INTO orders SELECT g, 0, md5(g::text) FROM generate_series(1, 30000) g; ANALYZE orders;"
-        ))
-        .await
-        .unwrap();
-    let file = db.pipeline_file(&["public.orders"], "  snapshot: never\n", "");
-    let running = Running::start(&file);
-    db.await_streaming(&running).await;
+    let (db, file, running) = streaming_orders("bf_crash", 30_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_until(db.name.clone(), 31_000, seed(), stop.clone()));
     // pg_sleep slows each row down (0.3 ms) so the kill lands while chunks remain.

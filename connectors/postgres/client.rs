@@ -58,6 +58,17 @@ pub fn connect_error(conn: &PgConnection, e: &tokio_postgres::Error) -> Error {
     Error::config(format!("cannot connect to {target}: {detail} (is the server running and reachable?)"))
 }
 
+/// Starts a read-only REPEATABLE READ transaction: one snapshot for every statement in it.
+pub async fn repeatable_read<'a>(client: &'a mut Client, context: &str) -> Result<tokio_postgres::Transaction<'a>> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| query_error(context, e))
+}
+
 /// Maps a query error. Connection failures and the server's transient refusals are retryable:
 /// a deadlock or serialization failure (class 40), lock timeouts (55P03), resource shortage (53),
 /// shutdown or crash of the server (57P0x), connection exceptions (08). Everything else is

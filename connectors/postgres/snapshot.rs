@@ -17,7 +17,7 @@
 //! that change is in the stream. A table rewritten meanwhile (VACUUM FULL, CLUSTER) has all
 //! its rows in new places, so its snapshot starts over.
 
-use super::client::{qualified, query_error, quote_ident, quote_literal};
+use super::client::{qualified, query_error, quote_ident, quote_literal, repeatable_read};
 use super::copy_binary::{self, reads_binary, BinaryRows, Next};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Op, Position, TableId, TableSchema, Value};
@@ -109,13 +109,7 @@ pub async fn run(
     shutdown: &Shutdown,
 ) -> Result<()> {
     let lsn = snapshot.lsn;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| query_error("snapshot", e))?;
+    let tx = repeatable_read(client, "snapshot").await?;
     tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&snapshot.name)))
         .await
         .map_err(|e| query_error("snapshot: import exported snapshot", e))?;

@@ -255,13 +255,7 @@ impl ChunkWorker {
     /// Reads one chunk in its own snapshot and waits until the source landed all of it.
     async fn chunk(&self, client: &mut Client, ticket: u64, table: usize, chunk: usize) -> Result<Outcome> {
         let work = &self.tables[table];
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(|e| query_error("backfill chunk", e))?;
+        let tx = client::repeatable_read(client, "backfill chunk").await?;
         // The first query takes the transaction's snapshot: the one the chunk is read in.
         let row = tx
             .query_one("SELECT pg_current_snapshot()::text, pg_relation_filenode($1::oid)::oid", &[&work.oid])
