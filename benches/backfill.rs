@@ -1,18 +1,22 @@
 //! Backfill benchmark against the real PostgreSQL, with a same-run baseline.
 //!
 //! Prints backfill rows/s of a table into Parquet (the pipeline streaming meanwhile) with 1, 2
-//! and 4 chunks read in parallel, next to `COPY ... TO STDOUT` of the same table read by a
-//! client that only counts rows, run before each backfill; CPU seconds and peak RSS of the
-//! `sluice run` process that did the backfill.
+//! and 4 chunks read in parallel, and the initial snapshot of the same table for comparison,
+//! each next to `COPY ... TO STDOUT` of the table read by a client that only counts rows, run
+//! just before; CPU seconds and peak RSS of the `sluice run` process.
 //!
 //!   cargo bench --bench backfill                      (after scripts/services.sh; 10M rows)
 //!   SLUICE_BENCH_BACKFILL_ROWS=1000000 cargo bench --bench backfill
 //!
 //! No thresholds: the figures are printed, not asserted.
 
+#[allow(dead_code)]
+#[path = "../tests/support/lake.rs"]
+mod lake;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::{Client, NoTls};
 
 const DB: &str = "sluice_bench_backfill";
@@ -35,6 +39,11 @@ async fn copy_rate(db: &Client) -> f64 {
         copied += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
     }
     copied as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Newest modification time of any Parquet file under `dir`: when the last row became durable.
+fn newest_file(dir: &Path) -> SystemTime {
+    lake::parquet_files(dir).iter().filter_map(|f| f.metadata().and_then(|m| m.modified()).ok()).max().unwrap()
 }
 
 fn status(data: &Path) -> Option<serde_json::Value> {
@@ -64,63 +73,83 @@ fn sluice(args: &[&str]) -> Command {
 }
 
 struct Run {
+    /// Rows/s until every row is durable in the sink.
     rate: f64,
+    /// Rows/s until the job (or snapshot) was seen done in the status file (rewritten every second).
+    landed_rate: f64,
     cpu: f64,
     rss: f64,
-    blocks: u64,
 }
 
-/// One pipeline, started fresh; one backfill of the whole table with `parallelism`.
-async fn backfill(work: &Path, rows: usize, parallelism: u32, admin: &Client) -> Run {
-    let name = format!("bf_bench_p{parallelism}");
-    let (data, lake) = (work.join(format!("data{parallelism}")), work.join(format!("lake{parallelism}")));
+/// One pipeline, started fresh: with `parallelism`, streaming (no snapshot) while one backfill
+/// reads the whole table; without, its initial snapshot reads the table (the same path, for
+/// comparison). Ends when every row is durable in the sink.
+async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Client) -> Run {
+    let tag = parallelism.map_or("snapshot".to_string(), |p| format!("p{p}"));
+    let name = format!("bf_bench_{tag}");
+    let (data, lake) = (work.join(format!("data_{tag}")), work.join(format!("lake_{tag}")));
     let file: PathBuf = work.join(format!("{name}.yaml"));
+    let snapshot = if parallelism.is_some() { "never" } else { "initial" };
     std::fs::write(
         &file,
         format!(
-            "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  tables: [public.bf_orders]\n  snapshot: never\n  heartbeat: 500ms\n\
+            "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  tables: [public.bf_orders]\n  snapshot: {snapshot}\n  heartbeat: 500ms\n\
              transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n",
             data.display(),
             lake.display()
         ),
     )
     .unwrap();
+    let mut started = SystemTime::now();
     let mut child: Child = sluice(&["run", file.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
     let pid = child.id();
-    while !status(&data).is_some_and(|s| s["snapshot_done"] == true) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut cpu0 = 0.0;
+    if let Some(p) = parallelism {
+        while !status(&data).is_some_and(|s| s["snapshot_done"] == true) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cpu0 = cpu_seconds(pid);
+        started = SystemTime::now();
+        let out = sluice(&["backfill", file.to_str().unwrap(), "--table", "public.bf_orders", "--detach"])
+            .args(["--parallelism", &p.to_string(), "--chunk-rows", "100000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let cpu0 = cpu_seconds(pid);
-    let started = Instant::now();
-    let out = sluice(&["backfill", file.to_str().unwrap(), "--table", "public.bf_orders", "--detach"])
-        .args(["--parallelism", &parallelism.to_string(), "--chunk-rows", "100000"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Done when the job has landed every chunk and the sink has made every event durable.
-    let blocks = loop {
+    // Done when every row is read (the job is done, or the snapshot) and durable in the sink.
+    let mut landed = None;
+    loop {
         if let Some(s) = status(&data) {
             let job = &s["backfills"][0];
+            let read = match parallelism {
+                Some(_) => job["state"] == "done",
+                None => s["snapshot_done"] == true,
+            };
+            if read && landed.is_none() {
+                landed = Some(started.elapsed().unwrap());
+            }
             let head = s["log_head"].as_u64().unwrap_or(0);
-            let cursor = s["sinks"][0]["cursor"].as_u64().unwrap_or(0);
-            if job["state"] == "done"
-                && s["sinks"][0]["rows_written"].as_u64().unwrap_or(0) >= rows as u64
-                && cursor >= head
+            let sink = &s["sinks"][0];
+            if read
+                && sink["rows_written"].as_u64().unwrap_or(0) >= rows as u64
+                && sink["cursor"].as_u64() >= Some(head)
             {
-                break job["blocks_total"].as_u64().unwrap_or(0);
+                break;
             }
             assert!(!job["state"].as_str().unwrap_or("").starts_with("failed"), "{job}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let elapsed = started.elapsed();
+    }
+    // The status file is rewritten every second; the files' times are exact.
+    let elapsed = newest_file(&lake).duration_since(started).unwrap();
     let (cpu, rss) = (cpu_seconds(pid) - cpu0, peak_rss_mib(pid));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
     let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_{name}")]).await;
     let _ = std::fs::remove_dir_all(&lake);
     let _ = std::fs::remove_dir_all(&data);
-    Run { rate: rows as f64 / elapsed.as_secs_f64(), cpu, rss, blocks }
+    let landed = landed.unwrap_or(elapsed);
+    Run { rate: rows as f64 / elapsed.as_secs_f64(), landed_rate: rows as f64 / landed.as_secs_f64(), cpu, rss }
 }
 
 #[tokio::main]
@@ -146,7 +175,8 @@ async fn main() {
     ))
     .await
     .unwrap();
-    db.batch_execute("VACUUM ANALYZE bf_orders; CHECKPOINT").await.unwrap();
+    db.batch_execute("VACUUM ANALYZE bf_orders").await.unwrap();
+    db.batch_execute("CHECKPOINT").await.unwrap();
     let bytes: i64 = db.query_one("SELECT pg_table_size('bf_orders')", &[]).await.unwrap().get(0);
     println!(
         "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s",
@@ -155,17 +185,19 @@ async fn main() {
         loading.elapsed().as_secs_f64()
     );
     let work = tempfile::tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
-    for parallelism in [1, 2, 4] {
+    for parallelism in [Some(1), Some(2), Some(4), None] {
         let copy = copy_rate(&db).await;
-        let run = backfill(work.path(), rows, parallelism, &admin).await;
+        let run = measure(work.path(), rows, parallelism, &admin).await;
+        let what =
+            parallelism.map_or("initial snapshot (same path)".to_string(), |p| format!("backfill, parallelism {p}"));
         println!(
-            "parallelism {parallelism}: {:>9.0} rows/s = {:>5.1}% of COPY ({copy:.0} rows/s just before); \
-             {:.2} CPU-s per million rows; peak RSS {:.0} MiB; {} blocks",
+            "{what}: {:>9.0} rows/s = {:>5.1}% of COPY ({copy:.0} rows/s just before); \
+             read at {:.0} rows/s; {:.2} CPU-s per million rows; peak RSS {:.0} MiB",
             run.rate,
             100.0 * run.rate / copy,
+            run.landed_rate,
             run.cpu / (rows as f64 / 1e6),
             run.rss,
-            run.blocks
         );
     }
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();

@@ -308,6 +308,7 @@ impl Decoder {
         batch.uses_schema(schema_id, &schema);
         let key_idx = schema.key_indexes();
         let mut landed = 0u64;
+        batch.reserve(rows.len());
         for row in rows.into_iter().filter(|_| !everything) {
             let key: Row = key_idx.iter().map(|&k| row[k].clone()).collect();
             if !stale.is_empty() && stale.contains(&key_bytes(&key)) {

@@ -250,7 +250,12 @@ impl PostgresSource {
             self.progress.clone(),
             cancel.clone(),
         ));
-        let backfills = tokio::spawn(backfill::manage(self.backfills.clone(), self.cfg.conn.clone(), cancel.clone()));
+        let backfills = tokio::spawn(backfill::manage(
+            self.backfills.clone(),
+            self.cfg.conn.clone(),
+            self.log.clone(),
+            cancel.clone(),
+        ));
         let mut decoder = Decoder::new(
             &self.pipeline,
             &self.cfg.tables,

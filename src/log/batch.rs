@@ -57,6 +57,11 @@ impl WriteBatch {
         Self { steps: Vec::with_capacity(steps), ..Self::default() }
     }
 
+    /// Makes room for `steps` more appends (a backfill piece lands many rows at once).
+    pub fn reserve(&mut self, steps: usize) {
+        self.steps.reserve(steps);
+    }
+
     /// Number of events appended or staged so far.
     pub fn len(&self) -> usize {
         self.events

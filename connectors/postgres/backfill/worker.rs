@@ -11,6 +11,7 @@ use crate::connectors::postgres::snapshot::{ChunkPlan, ChunkReader};
 use crate::connectors::postgres::Catalog;
 use crate::error::{Error, Result};
 use crate::event::TableSchema;
+use crate::log::EmbeddedLog;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,18 +19,29 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+/// Rows a piece holds at most: one log commit each, as the initial snapshot's default chunk.
+const MAX_PIECE_ROWS: u64 = 20_000;
+/// How long a piece waits for a sink that has not moved before going ahead without it.
+const READER_PATIENCE: Duration = Duration::from_millis(200);
+
 /// Tells pieces of this process apart from a previous one's still in the stream.
 static PIECES: AtomicU64 = AtomicU64::new(0);
 
 /// Starts a task per running job and keeps them going until `cancel`.
-pub async fn manage(backfills: Arc<Backfills>, conn: PgConnection, cancel: CancellationToken) {
+pub async fn manage(backfills: Arc<Backfills>, conn: PgConnection, log: EmbeddedLog, cancel: CancellationToken) {
     let mut jobs: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         jobs.retain(|_, task| !task.is_finished());
         for job in backfills.book().running() {
             let id = job.request.id.clone();
             if let std::collections::hash_map::Entry::Vacant(slot) = jobs.entry(id.clone()) {
-                let run = JobRun { backfills: backfills.clone(), conn: conn.clone(), id, cancel: cancel.clone() };
+                let run = JobRun {
+                    backfills: backfills.clone(),
+                    conn: conn.clone(),
+                    log: log.clone(),
+                    id,
+                    cancel: cancel.clone(),
+                };
                 slot.insert(tokio::spawn(run.run()));
             }
         }
@@ -54,6 +66,8 @@ struct TableWork {
 struct JobRun {
     backfills: Arc<Backfills>,
     conn: PgConnection,
+    /// Waited on before a piece is handed over, while sinks keep up (see [`EmbeddedLog::make_room`]).
+    log: EmbeddedLog,
     id: String,
     cancel: CancellationToken,
 }
@@ -149,7 +163,8 @@ impl JobRun {
                 job: self.id.clone(),
                 tables: tables.clone(),
                 control: control.clone(),
-                piece_rows: req.chunk_rows.max(1) as usize,
+                log: self.log.clone(),
+                piece_rows: req.chunk_rows.clamp(1, MAX_PIECE_ROWS) as usize,
             };
             let (queue, conn) = (queue.clone(), self.conn.clone());
             workers.spawn(async move { worker.drain(&conn, &queue).await });
@@ -231,6 +246,7 @@ struct ChunkWorker {
     tables: Arc<Vec<TableWork>>,
     /// Commits the high watermark messages (the chunk's own connection is inside its COPY).
     control: Arc<Client>,
+    log: EmbeddedLog,
     piece_rows: usize,
 }
 
@@ -287,6 +303,8 @@ impl ChunkWorker {
                     return Ok(Outcome::Redo);
                 }
             }
+            // Sinks that keep up then read the rows from memory instead of from disk.
+            self.log.make_room(piece.rows.len(), READER_PATIENCE).await;
             let (reply, receive) = tokio::sync::oneshot::channel();
             let id = format!(
                 "{}/{table}/{chunk}/{}-{}",
