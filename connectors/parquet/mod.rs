@@ -43,6 +43,8 @@ struct OpenFile {
     writer: ArrowWriter<std::fs::File>,
     pending: Vec<Arc<ChangeEvent>>,
     pending_bytes: usize,
+    /// Bytes written and buffered by the encoder, as of the last encode (it changes only then).
+    encoded_bytes: usize,
     first_offset: u64,
     last_offset: u64,
     rows: u64,
@@ -180,6 +182,7 @@ impl ParquetSink {
             writer,
             pending: Vec::new(),
             pending_bytes: 0,
+            encoded_bytes: 0,
             first_offset: record.offset,
             last_offset: record.offset,
             rows: 0,
@@ -220,6 +223,7 @@ fn encode(f: &mut OpenFile) -> Result<()> {
     f.writer.write(&batch).map_err(|e| Error::permanent("parquet writer", e))?;
     f.pending.clear();
     f.pending_bytes = 0;
+    f.encoded_bytes = f.writer.bytes_written() + f.writer.in_progress_size();
     Ok(())
 }
 
@@ -230,7 +234,8 @@ impl Sink for ParquetSink {
         for record in records {
             self.accepted = self.accepted.max(record.offset);
             let partition = self.partition_of(&record.event);
-            if self.durable.get(&*partition).is_some_and(|&d| record.offset <= d) {
+            // Only after a restart does anything wait here to be skipped.
+            if !self.durable.is_empty() && self.durable.get(&*partition).is_some_and(|&d| record.offset <= d) {
                 continue;
             }
             let schema_id = record.event.schema_id;
@@ -253,7 +258,7 @@ impl Sink for ParquetSink {
             if f.pending.len() >= ENCODE_ROWS {
                 encode(f)?;
             }
-            let size = f.writer.bytes_written() + f.writer.in_progress_size() + f.pending_bytes;
+            let size = f.encoded_bytes + f.pending_bytes;
             if snapshot_done || f.rows >= roll.max_rows || size as u64 >= roll.max_bytes {
                 self.close(&partition)?;
             }
