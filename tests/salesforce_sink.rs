@@ -1,8 +1,8 @@
 //! PostgreSQL to sluice to the Salesforce emulator: a snapshot through Bulk API 2.0 and the
 //! stream through sObject Collections, deletes through Composite, poison records dead-lettered
 //! while the rest flows, no duplicates after kill -9, sessions renewed when they expire, row
-//! locks and outages retried, and a spent daily allocation parking the sink until it frees up
-//! (across a stop and a restart).
+//! locks and outages retried, a spent daily allocation parking the sink until it frees up
+//! (across a stop and a restart), and a backfill landing through Bulk API 2.0.
 
 mod support;
 
@@ -256,4 +256,33 @@ async fn a_spent_daily_allocation_parks_the_sink_across_a_restart_until_it_frees
     })
     .await;
     running.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_reaches_salesforce_as_snapshot_reads_through_bulk_api() {
+    let e = emulator(Config::default()).await;
+    let db = TestDb::new("salesforce_backfill").await;
+    customers(&db, 3000).await;
+    let file = db.pipeline_with_sinks(&["public.customers"], &sink(&e.url(), JWT, ""));
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("  heartbeat:", "  snapshot: never\n  heartbeat:");
+    std::fs::write(&file, yaml).unwrap();
+    let running = Running::start(&file);
+    db.await_streaming(&running).await;
+    assert_eq!(stats(&e).await["records_Contact"], 0, "nothing before the backfill");
+    let path = file.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        sluice(&["backfill", &path, "--table", "public.customers", "--chunk-rows", "5000"], Path::new("/"))
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let wanted = expected(&db, &[]).await;
+    eventually("the backfill in the org", Duration::from_secs(60), || async {
+        (contacts(&e).await.len() == wanted.len()).then_some(())
+    })
+    .await;
+    running.stop();
+    assert_eq!(contacts(&e).await, wanted);
+    let stats = stats(&e).await;
+    assert!(stats["bulk_jobs"].as_u64().unwrap_or(0) >= 1, "backfill rows went through Bulk API 2.0: {stats}");
 }
