@@ -13,33 +13,16 @@
 #[allow(dead_code)]
 #[path = "../tests/support/lake.rs"]
 mod lake;
+#[path = "support/postgres.rs"]
+mod postgres;
 
+use postgres::{connect, copy_rate};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const DB: &str = "sluice_bench_backfill";
-
-async fn connect(db: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 user=cdc password=cdc dbname={db}"), NoTls)
-        .await
-        .expect("PostgreSQL from scripts/services.sh");
-    tokio::spawn(conn);
-    c
-}
-
-/// Rows/s of `COPY bf_orders TO STDOUT`, counting rows only.
-async fn copy_rate(db: &Client) -> f64 {
-    let started = Instant::now();
-    let stream = db.copy_out("COPY bf_orders TO STDOUT").await.unwrap();
-    futures::pin_mut!(stream);
-    let mut copied = 0usize;
-    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        copied += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
-    }
-    copied as f64 / started.elapsed().as_secs_f64()
-}
 
 /// Newest modification time of any Parquet file under `dir`: when the last row became durable.
 fn newest_file(dir: &Path) -> SystemTime {
@@ -186,7 +169,7 @@ async fn main() {
     );
     let work = tempfile::tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     for parallelism in [Some(1), Some(2), Some(4), None] {
-        let copy = copy_rate(&db).await;
+        let copy = copy_rate(&db, "bf_orders").await;
         let run = measure(work.path(), rows, parallelism, &admin).await;
         let what =
             parallelism.map_or("initial snapshot (same path)".to_string(), |p| format!("backfill, parallelism {p}"));

@@ -14,26 +14,20 @@
 mod lake;
 #[path = "support/measure.rs"]
 mod measure;
+#[path = "support/postgres.rs"]
+mod postgres;
 
 use lake::parquet_files;
 use measure::run_sluice;
+use postgres::{connect, copy_rate};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_postgres::{Client, NoTls};
 
 const DB: &str = "sluice_bench";
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-async fn connect(db: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 user=cdc password=cdc dbname={db}"), NoTls)
-        .await
-        .expect("PostgreSQL from scripts/services.sh");
-    tokio::spawn(conn);
-    c
 }
 
 fn now_ms() -> u64 {
@@ -59,18 +53,6 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     sorted[sorted.len() / 2]
-}
-
-/// Rows/s of `COPY bench_orders TO STDOUT` read by a client that only counts rows.
-async fn copy_rate(db: &Client) -> f64 {
-    let started = Instant::now();
-    let stream = db.copy_out("COPY bench_orders TO STDOUT").await.unwrap();
-    futures::pin_mut!(stream);
-    let mut copied = 0usize;
-    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        copied += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
-    }
-    copied as f64 / started.elapsed().as_secs_f64()
 }
 
 fn pipeline_yaml(name: &str, data: &Path, lake: &Path) -> String {
@@ -134,7 +116,7 @@ async fn main() {
     let mut snap = None;
     let file = work.path().join("bench.yaml");
     for round in 0..rounds {
-        copy_rates.push(copy_rate(&db).await);
+        copy_rates.push(copy_rate(&db, "bench_orders").await);
         let last = round + 1 == rounds;
         let (name, data, lake, round_file) = match last {
             true => ("bench".to_string(), data.clone(), lake.clone(), file.clone()),
