@@ -177,8 +177,9 @@ pub struct ChangeEvent {
     /// An unchanged TOAST value had never been seen for this key and was fetched from the
     /// source by key, so it is the value current at fetch time rather than at the change.
     pub toast_fetched: bool,
-    /// The last row of its table's initial snapshot (Debezium's `snapshot: last`), so a sink
-    /// can finish what it holds for the table now instead of at its next roll.
+    /// The last row of its table's initial snapshot (Debezium's `snapshot: last`) or of a
+    /// backfill of the table, so a sink can finish what it holds for the table now instead of
+    /// at its next roll.
     pub snapshot_last: bool,
     /// The replication origin of the transaction that made the change, when its writer set one
     /// (sluice's own sinks do), so a two-way mirror can drop its own echoes.

@@ -307,9 +307,13 @@ impl Decoder {
         let (schema_id, schema) = self.registry.intern((*schema).clone(), batch);
         batch.uses_schema(schema_id, &schema);
         let key_idx = schema.key_indexes();
+        // The table's last backfill row lets sinks finish what they hold for it now, as the end
+        // of a snapshot does.
+        let ends_table = last && self.backfills.ends_table(&job, table, chunk);
         let mut landed = 0u64;
-        batch.reserve(rows.len());
-        for row in rows.into_iter().filter(|_| !everything) {
+        let n = rows.len();
+        batch.reserve(n);
+        for (i, row) in rows.into_iter().enumerate().filter(|_| !everything) {
             let key: Row = key_idx.iter().map(|&k| row[k].clone()).collect();
             if !stale.is_empty() && stale.contains(&key_bytes(&key)) {
                 continue;
@@ -325,7 +329,7 @@ impl Decoder {
                 commit_ts_us,
                 tx_id: None,
                 toast_fetched: false,
-                snapshot_last: false,
+                snapshot_last: ends_table && i + 1 == n,
                 origin: None,
             });
             landed += 1;

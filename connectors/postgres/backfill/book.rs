@@ -147,6 +147,14 @@ impl Book {
         self.finish_if_done(id, now_ms)
     }
 
+    /// Every chunk of table `table` of job `id` but `chunk` has landed: landing `chunk` ends
+    /// the table's backfill.
+    pub fn ends_table(&self, id: &str, table: usize, chunk: usize) -> bool {
+        let Some(job) = self.jobs.iter().find(|j| j.request.id == id) else { return false };
+        let plan = job.tables.get(table).and_then(|t| t.plan.as_ref());
+        plan.is_some_and(|p| p.done.iter().enumerate().all(|(i, d)| *d || i == chunk))
+    }
+
     /// Marks the job done if every table's every chunk landed; an incremental job's cursor
     /// positions become its schedule's.
     pub fn finish_if_done(&mut self, id: &str, now_ms: u64) -> bool {
@@ -216,6 +224,7 @@ mod tests {
         assert!(!book.piece_landed("a", 0, 2, 1, true, 2));
         assert_eq!(book.jobs[0].tables[0].plan.as_ref().unwrap().blocks_done(), 6);
         assert!(!book.piece_landed("a", 0, 1, 1, false, 2), "a chunk lands with its last piece");
+        assert!(book.ends_table("a", 0, 1) && !book.ends_table("a", 0, 0), "chunk 1 is the one left");
         assert!(book.piece_landed("a", 0, 1, 1, true, 3));
         assert_eq!(book.jobs[0].state, JobState::Done);
         assert_eq!(book.jobs[0].tables[0].rows, 6);

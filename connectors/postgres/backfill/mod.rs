@@ -169,6 +169,11 @@ impl Backfills {
         self.lock().book.clone()
     }
 
+    /// Landing the last piece of `chunk` ends the backfill of the job's `table`.
+    pub fn ends_table(&self, job: &str, table: usize, chunk: usize) -> bool {
+        self.lock().book.ends_table(job, table, chunk)
+    }
+
     /// Tables of running jobs.
     pub fn running_tables(&self) -> Vec<TableId> {
         let inner = self.lock();
