@@ -66,6 +66,8 @@ pub struct Deposit {
     pub schema: Arc<TableSchema>,
     pub rows: Vec<Row>,
     pub reply: oneshot::Sender<Outcome>,
+    /// The job's allowance of pieces in memory, returned when the rows land (or are dropped).
+    pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What became of a deposited piece.

@@ -16,11 +16,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 /// Rows a piece holds at most: one log commit each, as the initial snapshot's default chunk.
 const MAX_PIECE_ROWS: u64 = 20_000;
+/// Pieces a job holds in memory at most, whatever its parallelism: reading is CPU-bound on
+/// small machines, and each piece is up to 20,000 decoded rows.
+const MAX_PIECES_HELD: usize = 3;
 /// How long a piece waits for a sink that has not moved before going ahead without it.
 const READER_PATIENCE: Duration = Duration::from_millis(200);
 
@@ -156,6 +160,7 @@ impl JobRun {
         let queue = Arc::new(Mutex::new(queue));
         let tables = Arc::new(tables);
         let control = Arc::new(client::connect(&self.conn, "sluice backfill watermarks").await?);
+        let pieces = Arc::new(Semaphore::new((req.parallelism as usize + 1).min(MAX_PIECES_HELD)));
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..req.parallelism.max(1) {
             let worker = ChunkWorker {
@@ -164,6 +169,7 @@ impl JobRun {
                 tables: tables.clone(),
                 control: control.clone(),
                 log: self.log.clone(),
+                pieces: pieces.clone(),
                 piece_rows: req.chunk_rows.clamp(1, MAX_PIECE_ROWS) as usize,
             };
             let (queue, conn) = (queue.clone(), self.conn.clone());
@@ -247,6 +253,8 @@ struct ChunkWorker {
     /// Commits the high watermark messages (the chunk's own connection is inside its COPY).
     control: Arc<Client>,
     log: EmbeddedLog,
+    /// Pieces the job's workers may hold (being read or waiting to land) at once.
+    pieces: Arc<Semaphore>,
     piece_rows: usize,
 }
 
@@ -296,6 +304,8 @@ impl ChunkWorker {
         let mut reader = ChunkReader::open(&tx, &work.schema, &plan, work.filter.as_deref()).await?;
         let mut waiting: Option<tokio::sync::oneshot::Receiver<Outcome>> = None;
         loop {
+            // Held until the piece lands (the source drops it with the rows).
+            let permit = self.pieces.clone().acquire_owned().await.expect("the semaphore is never closed");
             let piece = reader.next_piece(self.piece_rows).await?;
             // At most one piece waits to land while the next is read: memory stays flat.
             if let Some(previous) = waiting.take() {
@@ -325,6 +335,7 @@ impl ChunkWorker {
                     schema: work.schema.clone(),
                     rows: piece.rows,
                     reply,
+                    permit,
                 },
             );
             let content = Message::High(id.clone()).encode();
