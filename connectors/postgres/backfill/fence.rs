@@ -183,11 +183,6 @@ impl Fence {
     pub fn prune<'a>(&mut self, outstanding: impl IntoIterator<Item = &'a TxSnapshot> + Clone) {
         self.committed.retain(|(xid, _)| !outstanding.clone().into_iter().all(|s| s.sees(*xid)));
     }
-
-    /// Committed transactions still recorded.
-    pub fn recorded(&self) -> usize {
-        self.committed.len()
-    }
 }
 
 #[cfg(test)]
@@ -233,7 +228,7 @@ mod tests {
         // A later snapshot sees 101 but not 110.
         let later = TxSnapshot::parse("110:111:110").unwrap();
         f.prune([&later]);
-        assert_eq!(f.recorded(), 1);
+        assert_eq!(f.committed.len(), 1);
         let Verdict::Land { stale, .. } = f.judge(&t(), &later) else { panic!() };
         assert_eq!(stale, [b"k2".to_vec()].into_iter().collect());
     }
