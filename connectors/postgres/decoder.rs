@@ -294,7 +294,7 @@ impl Decoder {
     /// Lands a backfill piece at the current transaction's commit position: the rows no
     /// transaction unseen by the piece's snapshot touched.
     fn land(&mut self, deposit: Deposit, batch: &mut WriteBatch, progress: &SourceProgress) {
-        let Deposit { job, table, chunk, last, ticket: _, snapshot, schema, rows, reply, permit: _permit } = deposit;
+        let Deposit { job, table, chunk, last, snapshot, schema, rows, reply, permit: _permit } = deposit;
         let (stale, everything) = match self.fence.judge(&schema.table, &snapshot) {
             Verdict::Redo => {
                 let _ = reply.send(Outcome::Redo);

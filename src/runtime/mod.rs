@@ -75,10 +75,10 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let source_progress = Arc::new(SourceProgress::default());
     // The idle window of `--until-idle` counts from the start, not from the epoch.
     source_progress.last_data_ms.store(progress::now_ms(), Ordering::Release);
-    let SourceConfig::Postgres(pg) = pipeline.source.clone();
+    let SourceConfig::Postgres(pg) = &pipeline.source;
     let backfills = Arc::new(Backfills::default());
     let source = PostgresSource::new(
-        pg,
+        pg.clone(),
         &pipeline.name,
         log.clone(),
         source_progress.clone(),
@@ -88,8 +88,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     // Configuration problems (tables, keys, publication, backfill clauses) stop the run
     // before anything starts.
     let catalog = source.prepare().await?;
-    let SourceConfig::Postgres(pg) = &pipeline.source;
-    scheduled::check(&pipeline.file, &pipeline.backfills, pg).await?;
+    scheduled::check(&pipeline.file, &pipeline.backfills, catalog.client()).await?;
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
     register_metrics(&sink_names);

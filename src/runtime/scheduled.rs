@@ -12,22 +12,18 @@ use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use tokio_postgres::Client;
 
 /// The log metadata key of when each schedule was first armed: a slot after it that was
 /// missed while the process was down still runs.
 const ARMED_KEY: &str = "backfill.armed";
 
 /// Checks every schedule's `where` clause on every table against the database.
-pub async fn check(file: &Path, schedules: &[BackfillSchedule], source: &PostgresSourceConfig) -> Result<()> {
-    if schedules.is_empty() {
-        return Ok(());
-    }
-    let client = client::connect(&source.conn, "sluice backfill check").await?;
+pub async fn check(file: &Path, schedules: &[BackfillSchedule], client: &Client) -> Result<()> {
     for s in schedules {
         let Some(filter) = &s.filter else { continue };
         for table in &s.tables {
-            let name = table.to_string();
-            match request::check_conditions(&client, &s.name, &name, std::slice::from_ref(filter)).await {
+            match request::check_conditions(client, &s.name, table, std::slice::from_ref(filter)).await {
                 Ok(()) => {}
                 Err(Error::Config(m)) => {
                     let at = s.filter_at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default();

@@ -61,7 +61,6 @@ pub struct Deposit {
     pub chunk: usize,
     /// The chunk's last piece: landing it finishes the chunk.
     pub last: bool,
-    pub ticket: u64,
     pub snapshot: TxSnapshot,
     pub schema: Arc<TableSchema>,
     pub rows: Vec<Row>,

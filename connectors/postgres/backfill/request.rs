@@ -8,6 +8,7 @@ use crate::config::PgConnection;
 use crate::connectors::postgres::client::{self, qualified, query_error, quote_ident, quote_literal};
 use crate::connectors::postgres::Catalog;
 use crate::error::{Error, Result};
+use crate::event::TableId;
 use tokio_postgres::Client;
 
 /// A key range from `--key-range A..B`: keys from `A` (inclusive) to `B` (exclusive); either
@@ -25,15 +26,30 @@ impl KeyRange {
         let range = Self { from: end(from), to: end(to) };
         (range.from.is_some() || range.to.is_some()).then_some(range)
     }
+
+    /// The range as a condition on the key column `key`.
+    fn condition(&self, key: &str) -> String {
+        let key = quote_ident(key);
+        let from = self.from.as_ref().map(|f| format!("{key} >= {}", quote_literal(f)));
+        let to = self.to.as_ref().map(|t| format!("{key} < {}", quote_literal(t)));
+        from.into_iter().chain(to).collect::<Vec<_>>().join(" AND ")
+    }
+}
+
+/// The conditions joined with AND (each in parentheses when there are several); `None` for none.
+pub fn all_of(conditions: &[String]) -> Option<String> {
+    match conditions {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => Some(many.iter().map(|c| format!("({c})")).collect::<Vec<_>>().join(" AND ")),
+    }
 }
 
 /// Prepares (without running) a query with each condition, so a bad `where` fails before any
 /// row moves, in PostgreSQL's own words.
-pub async fn check_conditions(client: &Client, name: &str, table: &str, conditions: &[String]) -> Result<()> {
-    let table_id = crate::event::TableId::parse(table)
-        .ok_or_else(|| Error::config(format!("backfill {name}: {table} is not a table name")))?;
+pub async fn check_conditions(client: &Client, name: &str, table: &TableId, conditions: &[String]) -> Result<()> {
     for c in conditions {
-        if let Err(e) = client.prepare(&format!("SELECT 1 FROM {} WHERE ({c})", qualified(&table_id))).await {
+        if let Err(e) = client.prepare(&format!("SELECT 1 FROM {} WHERE ({c})", qualified(table))).await {
             let why = match e.as_db_error() {
                 Some(d) => format!("{} ({})", d.message(), d.code().code()),
                 None => e.to_string(),
@@ -51,6 +67,9 @@ pub async fn check_conditions(client: &Client, name: &str, table: &str, conditio
 /// it to the pipeline (a transactional logical message: it reaches the pipeline in commit
 /// order, now or when it next runs).
 pub async fn submit(conn: &PgConnection, mut request: BackfillRequest, key_range: Option<&KeyRange>) -> Result<()> {
+    if key_range.is_some() && request.tables.len() != 1 {
+        return Err(Error::config("--key-range applies to one table; run one backfill per table"));
+    }
     let mut catalog = Catalog::new(client::connect(conn, "sluice backfill request").await?);
     for table in &request.tables {
         let info = catalog.table(table).await?;
@@ -63,18 +82,12 @@ pub async fn submit(conn: &PgConnection, mut request: BackfillRequest, key_range
                     keys.join(", ")
                 )));
             };
-            let key = quote_ident(key);
-            let mut parts = Vec::new();
-            if let Some(from) = &range.from {
-                parts.push(format!("{key} >= {}", quote_literal(from)));
-            }
-            if let Some(to) = &range.to {
-                parts.push(format!("{key} < {}", quote_literal(to)));
-            }
-            conditions.push(parts.join(" AND "));
-            request.filter = Some(conditions.iter().map(|c| format!("({c})")).collect::<Vec<_>>().join(" AND "));
+            conditions.push(range.condition(key));
         }
-        check_conditions(catalog.client(), &request.name, &table.to_string(), &conditions).await?;
+        check_conditions(catalog.client(), &request.name, table, &conditions).await?;
+        if key_range.is_some() {
+            request.filter = all_of(&conditions);
+        }
         if let Some(cursor) = &request.cursor {
             if !info.schema.columns.iter().any(|c| &c.name == cursor) {
                 return Err(Error::config(format!(
@@ -108,5 +121,14 @@ mod tests {
         assert_eq!(KeyRange::parse("a.."), Some(KeyRange { from: Some("a".into()), to: None }));
         assert_eq!(KeyRange::parse(".."), None);
         assert_eq!(KeyRange::parse("10"), None);
+        assert_eq!(KeyRange::parse("10..20").unwrap().condition("id"), "\"id\" >= '10' AND \"id\" < '20'");
+        assert_eq!(KeyRange::parse("..20").unwrap().condition("id"), "\"id\" < '20'");
+    }
+
+    #[test]
+    fn conditions_join_with_and() {
+        assert_eq!(all_of(&[]), None);
+        assert_eq!(all_of(&["a > 1".into()]).as_deref(), Some("a > 1"));
+        assert_eq!(all_of(&["a > 1".into(), "b OR c".into()]).as_deref(), Some("(a > 1) AND (b OR c)"));
     }
 }

@@ -1,9 +1,9 @@
 //! Runs backfill jobs: plans each table into chunks of heap blocks, then reads chunks in
 //! parallel, each inside its own snapshot, and hands the rows to the source to land.
 
-use super::book::Plan;
+use super::book::{BackfillRequest, Plan, TableRun};
 use super::fence::TxSnapshot;
-use super::request::check_conditions;
+use super::request::{all_of, check_conditions};
 use super::{Backfills, Deposit, Message, Outcome, PREFIX};
 use crate::config::PgConnection;
 use crate::connectors::postgres::client::{self, qualified, query_error, quote_ident, quote_literal};
@@ -110,45 +110,7 @@ impl JobRun {
         let req = &job.request;
         let mut tables = Vec::new();
         for (i, run) in job.tables.iter().enumerate() {
-            let info = catalog.table(&run.table).await?;
-            let mut conditions: Vec<String> = req.filter.iter().cloned().collect();
-            let (upto, plan) = match (&run.plan, &req.cursor) {
-                (Some(plan), _) => (run.cursor_upto.clone(), plan.clone()),
-                (None, cursor) => {
-                    check_conditions(catalog.client(), &req.name, &run.table.to_string(), &conditions).await?;
-                    let upto = match cursor {
-                        Some(column) => {
-                            let after = req.cursor_after.get(&run.table.to_string());
-                            cursor_upto(catalog.client(), &qualified(&run.table), column, after, &conditions).await?
-                        }
-                        None => None,
-                    };
-                    let plan = match (cursor, &upto) {
-                        (Some(_), None) => Plan::new(0, 0, 1),
-                        _ => plan_table(catalog.client(), info.oid, req.chunk_rows).await?,
-                    };
-                    self.backfills.with_book(|b| {
-                        if let Some(job) = b.job_mut(&self.id) {
-                            job.tables[i].plan = Some(plan.clone());
-                            job.tables[i].cursor_upto = upto.clone();
-                        }
-                        b.finish_if_done(&self.id, crate::runtime::progress::now_ms());
-                    });
-                    (upto, plan)
-                }
-            };
-            if let Some(column) = &req.cursor {
-                let column = quote_ident(column);
-                if let Some(after) = req.cursor_after.get(&run.table.to_string()) {
-                    conditions.push(format!("{column} > {}", quote_literal(after)));
-                }
-                if let Some(upto) = &upto {
-                    conditions.push(format!("{column} <= {}", quote_literal(upto)));
-                }
-            }
-            let filter = (!conditions.is_empty())
-                .then(|| conditions.iter().map(|c| format!("({c})")).collect::<Vec<_>>().join(" AND "));
-            tables.push(TableWork { schema: Arc::new(info.schema), oid: info.oid, filter, plan });
+            tables.push(self.prepare(&mut catalog, req, i, run).await?);
         }
         settle(catalog.client()).await?;
         let queue: VecDeque<(usize, usize)> =
@@ -180,22 +142,56 @@ impl JobRun {
         }
         Ok(())
     }
+
+    /// Makes table `i` of the job ready to read: checked, bounded (incremental runs) and
+    /// planned once, in the book; later attempts reuse the stored plan and bound.
+    async fn prepare(
+        &self,
+        catalog: &mut Catalog,
+        req: &BackfillRequest,
+        i: usize,
+        run: &TableRun,
+    ) -> Result<TableWork> {
+        let info = catalog.table(&run.table).await?;
+        let client = catalog.client();
+        let cursor = req.cursor.as_deref().map(quote_ident);
+        let mut conditions: Vec<String> = req.filter.iter().cloned().collect();
+        if let (Some(column), Some(after)) = (&cursor, req.cursor_after.get(&run.table.to_string())) {
+            conditions.push(format!("{column} > {}", quote_literal(after)));
+        }
+        let (upto, plan) = match &run.plan {
+            Some(plan) => (run.cursor_upto.clone(), plan.clone()),
+            None => {
+                check_conditions(client, &req.name, &run.table, req.filter.as_slice()).await?;
+                let upto = match &cursor {
+                    Some(column) => highest(client, &qualified(&run.table), column, all_of(&conditions)).await?,
+                    None => None,
+                };
+                // An incremental run with nothing new has nothing to read.
+                let plan = match (&cursor, &upto) {
+                    (Some(_), None) => Plan::new(0, 0, 1),
+                    _ => plan_table(client, info.oid, req.chunk_rows).await?,
+                };
+                self.backfills.with_book(|b| {
+                    if let Some(job) = b.job_mut(&self.id) {
+                        job.tables[i].plan = Some(plan.clone());
+                        job.tables[i].cursor_upto = upto.clone();
+                    }
+                    b.finish_if_done(&self.id, crate::runtime::progress::now_ms());
+                });
+                (upto, plan)
+            }
+        };
+        if let (Some(column), Some(upto)) = (&cursor, &upto) {
+            conditions.push(format!("{column} <= {}", quote_literal(upto)));
+        }
+        Ok(TableWork { schema: Arc::new(info.schema), oid: info.oid, filter: all_of(&conditions), plan })
+    }
 }
 
-/// The highest cursor value among the rows the filter selects above `after`, as text.
-async fn cursor_upto(
-    client: &Client,
-    qualified: &str,
-    column: &str,
-    after: Option<&String>,
-    conditions: &[String],
-) -> Result<Option<String>> {
-    let column = quote_ident(column);
-    let mut all: Vec<String> = conditions.iter().map(|c| format!("({c})")).collect();
-    if let Some(after) = after {
-        all.push(format!("{column} > {}", quote_literal(after)));
-    }
-    let filter = if all.is_empty() { String::new() } else { format!(" WHERE {}", all.join(" AND ")) };
+/// The highest value of `column` (quoted) among the rows `filter` selects, as text.
+async fn highest(client: &Client, qualified: &str, column: &str, filter: Option<String>) -> Result<Option<String>> {
+    let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
     let row = client
         .query_one(&format!("SELECT max({column})::text FROM {qualified}{filter}"), &[])
         .await
@@ -330,7 +326,6 @@ impl ChunkWorker {
                     table,
                     chunk,
                     last: complete,
-                    ticket,
                     snapshot: snapshot.clone(),
                     schema: work.schema.clone(),
                     rows: piece.rows,
