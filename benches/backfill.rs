@@ -16,7 +16,7 @@ mod lake;
 #[path = "support/postgres.rs"]
 mod postgres;
 
-use postgres::{connect, copy_rate};
+use postgres::{connect, copy_rate, settle_table};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -158,9 +158,7 @@ async fn main() {
     ))
     .await
     .unwrap();
-    db.batch_execute("VACUUM ANALYZE bf_orders").await.unwrap();
-    db.batch_execute("CHECKPOINT").await.unwrap();
-    let bytes: i64 = db.query_one("SELECT pg_table_size('bf_orders')", &[]).await.unwrap().get(0);
+    let bytes = settle_table(&db, "bf_orders").await;
     println!(
         "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s",
         bytes as f64 / 1048576.0,

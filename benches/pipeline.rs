@@ -19,7 +19,7 @@ mod postgres;
 
 use lake::parquet_files;
 use measure::run_sluice;
-use postgres::{connect, copy_rate};
+use postgres::{connect, copy_rate, settle_table};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -99,9 +99,7 @@ async fn main() {
     .unwrap();
     // Both sides measured on a quiet server: the bulk load's dirty pages written out first, so
     // its background write-back does not slow sluice's fsyncs (COPY to a client has none).
-    db.batch_execute("VACUUM ANALYZE bench_orders").await.unwrap();
-    db.batch_execute("CHECKPOINT").await.unwrap();
-    let bytes: i64 = db.query_one("SELECT pg_table_size('bench_orders')", &[]).await.unwrap().get(0);
+    let bytes = settle_table(&db, "bench_orders").await;
     println!(
         "table: {rows} rows, {:.0} MiB on disk (about {} bytes per row)",
         bytes as f64 / 1048576.0,

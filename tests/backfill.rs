@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use support::lake::{changelog, replay, ChangeRow};
-use support::{connect, eventually, seed, sluice, table_state, Running, TestDb};
+use support::{append_yaml, connect, eventually, seed, serve_metrics, sluice, table_state, Running, TestDb};
 
 type Table = BTreeMap<String, BTreeMap<String, Option<String>>>;
 
@@ -217,9 +217,10 @@ async fn a_bad_where_clause_is_refused_before_any_row_moves() {
     assert_eq!(backfill_rows(&changelog(&db.lake_dir(), "public.orders")), 0);
 
     // A schedule's clause is checked when the pipeline starts, pointing into the file.
-    let yaml = std::fs::read_to_string(&file).unwrap()
-        + "backfills:\n  - name: nightly\n    schedule: \"0 2 * * *\"\n    tables: [public.orders]\n    where: \"v >>> 2\"\n";
-    std::fs::write(&file, yaml).unwrap();
+    append_yaml(
+        &file,
+        "backfills:\n  - name: nightly\n    schedule: \"0 2 * * *\"\n    tables: [public.orders]\n    where: \"v >>> 2\"\n",
+    );
     let out = sluice(&["run", path, "--until-idle", "1s"], db.dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -239,10 +240,11 @@ async fn a_scheduled_incremental_backfill_reads_only_rows_whose_cursor_grew() {
         .await
         .unwrap();
     let file = db.pipeline_file(&["public.orders"], "  snapshot: never\n", "");
-    let yaml = std::fs::read_to_string(&file).unwrap()
-        + "backfills:\n  - name: ledger-sync\n    schedule: \"*/2 * * * * *\"\n    time_zone: Europe/Berlin\n    \
-           tables: [public.ledger]\n    mode: incremental\n    cursor: updated_at\n    where: \"amount > 10\"\n";
-    std::fs::write(&file, yaml).unwrap();
+    append_yaml(
+        &file,
+        "backfills:\n  - name: ledger-sync\n    schedule: \"*/2 * * * * *\"\n    time_zone: Europe/Berlin\n    \
+         tables: [public.ledger]\n    mode: incremental\n    cursor: updated_at\n    where: \"amount > 10\"\n",
+    );
     let running = Running::start(&file);
     let first = eventually("the first scheduled run", Duration::from_secs(60), || async {
         let rows = changelog(&db.lake_dir(), "public.ledger");
@@ -278,10 +280,8 @@ async fn a_key_range_backfill_reads_only_its_keys_and_reports_progress() {
         .batch_execute(&format!("{ORDERS} INSERT INTO orders SELECT g, g, 'n' FROM generate_series(1, 300) g;"))
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let file = db.pipeline_file(&["public.orders"], "  snapshot: never\n", "");
-    let yaml = std::fs::read_to_string(&file).unwrap() + &format!("metrics:\n  listen: 127.0.0.1:{port}\n");
-    std::fs::write(&file, yaml).unwrap();
+    let port = serve_metrics(&file);
     let running = Running::start(&file);
     db.await_streaming(&running).await;
     let path = file.to_str().unwrap();

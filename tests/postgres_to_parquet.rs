@@ -418,10 +418,8 @@ async fn metrics_status_and_a_draining_sigterm() {
     )
     .await
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let file = db.pipeline_file(&["public.m"], "", "    roll: { max_rows: 100000, max_age: 1h }\n");
-    let yaml = std::fs::read_to_string(&file).unwrap() + &format!("metrics:\n  listen: 127.0.0.1:{port}\n");
-    std::fs::write(&file, yaml).unwrap();
+    let port = support::serve_metrics(&file);
     let running = Running::start(&file);
     db.await_streaming(&running).await;
     c.batch_execute("UPDATE m SET v = v + 1 WHERE id <= 10").await.unwrap();

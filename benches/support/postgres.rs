@@ -23,3 +23,11 @@ pub async fn copy_rate(db: &Client, table: &str) -> f64 {
     }
     copied as f64 / started.elapsed().as_secs_f64()
 }
+
+/// Vacuums and analyzes a freshly loaded table and checkpoints, so the load's dirty pages are
+/// written out before anything is measured; returns the table's size in bytes.
+pub async fn settle_table(db: &Client, table: &str) -> i64 {
+    db.batch_execute(&format!("VACUUM ANALYZE {table}")).await.unwrap();
+    db.batch_execute("CHECKPOINT").await.unwrap();
+    db.query_one(&format!("SELECT pg_table_size('{table}')"), &[]).await.unwrap().get(0)
+}

@@ -262,6 +262,19 @@ impl Drop for Running {
     }
 }
 
+/// Adds top-level YAML (a `backfills:` or `metrics:` section) to the end of a pipeline file.
+pub fn append_yaml(file: &Path, yaml: &str) {
+    let text = std::fs::read_to_string(file).unwrap() + yaml;
+    std::fs::write(file, text).unwrap();
+}
+
+/// Has the pipeline serve `/metrics` on a free loopback port, and returns the port.
+pub fn serve_metrics(file: &Path) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    append_yaml(file, &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    port
+}
+
 /// Polls `check` until it returns `Some`, failing after `limit`.
 pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
