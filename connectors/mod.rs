@@ -4,6 +4,7 @@ pub mod aimd;
 pub mod http;
 pub mod hubspot;
 pub mod mapped;
+pub mod mongo;
 pub mod oauth;
 pub mod parquet;
 pub mod pgsink;

@@ -4,7 +4,7 @@
 use crate::cli::BackfillArgs;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice::config::{self, SourceConfig};
+use sluice::config;
 use sluice::connectors::postgres::backfill::request::{self, KeyRange};
 use sluice::connectors::postgres::backfill::{BackfillRequest, BackfillStatus};
 use sluice::event::TableId;
@@ -36,7 +36,9 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
     if args.parallelism == 0 || args.chunk_rows == 0 {
         bail!("--parallelism and --chunk-rows must be at least 1");
     }
-    let SourceConfig::Postgres(pg) = &pipeline.source;
+    let Some(pg) = pipeline.source.postgres() else {
+        bail!("backfills read PostgreSQL tables; pipeline {}'s source is not postgres", pipeline.name);
+    };
     let id = uuid::Uuid::new_v4().to_string();
     let req = BackfillRequest {
         id: id.clone(),

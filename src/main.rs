@@ -61,19 +61,36 @@ pub(crate) fn load(file: &std::path::Path) -> anyhow::Result<Pipeline> {
 
 fn validate(file: &std::path::Path) -> anyhow::Result<()> {
     let p = load(file)?;
-    let SourceConfig::Postgres(pg) = &p.source;
-    let tables: Vec<String> = pg.tables.iter().map(|t| t.to_string()).collect();
     println!("ok: pipeline {} ({})", p.name, file.display());
-    let snapshot = match pg.snapshot {
+    let snapshot = |mode| match mode {
         config::SnapshotMode::Initial => "initial",
         config::SnapshotMode::Never => "never",
     };
-    println!(
-        "  source: postgres {} tables [{}], snapshot {snapshot}, slot {}",
-        pg.conn.display_target(),
-        tables.join(", "),
-        pg.slot
-    );
+    match &p.source {
+        SourceConfig::Postgres(pg) => {
+            let tables: Vec<String> = pg.tables.iter().map(|t| t.to_string()).collect();
+            println!(
+                "  source: postgres {} tables [{}], snapshot {}, slot {}",
+                pg.conn.display_target(),
+                tables.join(", "),
+                snapshot(pg.snapshot),
+                pg.slot
+            );
+        }
+        SourceConfig::Mongodb(m) => {
+            let collections = m.collections.as_ref().map(|c| c.join(", ")).unwrap_or_else(|| "all".into());
+            println!(
+                "  source: mongodb {} database {} collections [{collections}], snapshot {}, full document {:?}, \
+                 on history lost {:?}, json {:?}",
+                m.display,
+                m.database,
+                snapshot(m.snapshot),
+                m.full_document,
+                m.on_history_lost,
+                m.json
+            );
+        }
+    }
     for s in &p.sinks {
         match s {
             SinkConfig::Parquet(pq) => {
@@ -158,8 +175,10 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let config::TransportConfig::Embedded { path } = &pipeline.transport;
     let report = runtime::status::read_status(path)
         .with_context(|| format!("no status in {}: the pipeline has not run here yet", path.display()))?;
-    let SourceConfig::Postgres(pg) = &pipeline.source;
-    let slot = runtime()?.block_on(slot_lag(pg));
+    let slot = match pipeline.source.postgres() {
+        Some(pg) => Some((pg.slot.clone(), runtime()?.block_on(slot_lag(pg)))),
+        None => None,
+    };
     // Set-aside records live in their own files, counted here rather than in the status file
     // so the counts are current even while the pipeline is stopped.
     let mut queues = std::collections::BTreeMap::new();
@@ -183,7 +202,7 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 }
             }
         }
-        if let Ok((confirmed, lag)) = &slot {
+        if let Some((_, Ok((confirmed, lag)))) = &slot {
             v["slot_confirmed_lsn"] = serde_json::json!(confirmed);
             v["slot_lag_bytes"] = serde_json::json!(lag);
         }
@@ -194,8 +213,9 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
     println!("pipeline {} (pid {}, status updated {age_s:.1}s ago)", report.pipeline, report.pid);
     println!("  source position (acknowledged): {}", report.acked_lsn);
     match slot {
-        Ok((confirmed, lag)) => println!("  slot {}: confirmed {confirmed}, lag {lag} bytes", pg.slot),
-        Err(e) => println!("  slot {}: unavailable ({e})", pg.slot),
+        Some((name, Ok((confirmed, lag)))) => println!("  slot {name}: confirmed {confirmed}, lag {lag} bytes"),
+        Some((name, Err(e))) => println!("  slot {name}: unavailable ({e})"),
+        None => {}
     }
     println!("  snapshot done: {}", report.snapshot_done);
     println!("  unchanged TOAST values fetched from the source since start: {}", report.toast_fetched);

@@ -5,6 +5,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Command;
 use support::{sluice, TestDb};
 
 fn write(dir: &Path, yaml: &str) -> std::path::PathBuf {
@@ -452,4 +453,71 @@ fn backfill_schedule_mistakes_are_named_with_their_fix() {
         stdout.contains("backfill nightly: `0 2 * * *` in Europe/Berlin, tables [public.t], incremental by updated_at"),
         "{stdout}"
     );
+}
+
+const MONGO: &str = "name: mg\nsource:\n  type: mongodb\n  url: mongodb://sync:${env:SLUICE_TEST_MONGO_PW}@127.0.0.1:27017/?replicaSet=rs0\n  database: shop\n  collections: [orders, customers]\nsinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
+
+#[test]
+fn a_mongodb_source_validates_without_printing_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), MONGO);
+    let out = Command::new(support::sluice_bin())
+        .args(["validate", path.to_str().unwrap()])
+        .env("SLUICE_TEST_MONGO_PW", "hunter2-mongo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("source: mongodb 127.0.0.1:27017 database shop collections [orders, customers]"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}
+
+#[test]
+fn mongodb_source_mistakes_are_named_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = MONGO.replace("${env:SLUICE_TEST_MONGO_PW}", "pw");
+    let cases = [
+        (
+            good.replace("  database: shop\n", ""),
+            "source: a mongodb source needs `database`",
+            "add `database: NAME`",
+        ),
+        (
+            good.replace("  collections: [orders, customers]\n", "  tables: [public.orders]\n"),
+            "source.tables: does not apply to mongodb sources",
+            "list collections under `collections:`",
+        ),
+        (
+            good.replace("  database: shop\n", "  database: shop\n  full_document: always\n"),
+            "source.full_document: `always` is not a full-document mode",
+            "use update_lookup, when_available or required",
+        ),
+        (
+            good.replace("  database: shop\n", "  database: shop\n  on_history_lost: skip\n"),
+            "source.on_history_lost: `skip` is not a policy",
+            "use `fail` (stop with an error) or `resnapshot`",
+        ),
+        (
+            good.replace("[orders, customers]", "[orders, orders]"),
+            "source.collections: `orders` is listed twice",
+            "list each once",
+        ),
+        (good.replace("mongodb://", "mongo://"), "source.url: the scheme is not mongodb://", "write it as mongodb://"),
+        (
+            good.replace("  database: shop\n", "  database: shop\n  slot: s\n"),
+            "source.slot: does not apply to mongodb sources",
+            "the README's source reference",
+        ),
+        (
+            GOOD.replace("  tables: [public.t]\n", "  tables: [public.t]\n  collections: [x]\n"),
+            "source.collections: does not apply to postgres sources",
+            "list tables under `tables:`",
+        ),
+        (
+            good.clone() + "backfills:\n  - { name: nightly, schedule: \"0 2 * * *\", tables: [public.t] }\n",
+            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is mongodb",
+            "remove `backfills`",
+        ),
+    ];
+    refused_with_fixes(dir.path(), &cases);
 }

@@ -200,7 +200,7 @@ impl PostgresSource {
         exported: &ExportedSnapshot,
         progress: &mut SnapshotProgress,
     ) -> Result<()> {
-        let mut registry = decoder::SchemaRegistry::load(&self.log).await?;
+        let mut registry = crate::log::SchemaRegistry::load(&self.log).await?;
         let mut tables = Vec::new();
         for t in &self.cfg.tables {
             let info = catalog.table(t).await?;
@@ -259,7 +259,7 @@ impl PostgresSource {
         let mut decoder = Decoder::new(
             &self.pipeline,
             &self.cfg.tables,
-            decoder::SchemaRegistry::load(&self.log).await?,
+            crate::log::SchemaRegistry::load(&self.log).await?,
             self.backfills.clone(),
         );
         let result = async {

@@ -82,7 +82,8 @@ pub(super) fn mapping(cx: &Ctx, name: &str, raw: &RawSink, sources: &[TableId]) 
             let id = TableId::parse(f.value.trim()).ok_or_else(|| {
                 cx.err(f, format!("sink {name}: from `{}` is not a table name", f.value), "write schema.table")
             })?;
-            if !sources.contains(&id) {
+            // An empty list is a source that captures whatever its database holds.
+            if !sources.is_empty() && !sources.contains(&id) {
                 let listed: Vec<String> = sources.iter().map(|t| t.to_string()).collect();
                 return Err(cx.err(
                     f,
@@ -93,6 +94,15 @@ pub(super) fn mapping(cx: &Ctx, name: &str, raw: &RawSink, sources: &[TableId]) 
             id
         }
         None if sources.len() == 1 => sources[0].clone(),
+        None if sources.is_empty() => {
+            return Err(cx.err(
+                &raw.name,
+                format!(
+                    "sink {name}: the source captures every collection of its database; say which one this sink maps"
+                ),
+                "add `from: database.collection`",
+            ))
+        }
         None => {
             return Err(cx.err(
                 &raw.name,

@@ -4,6 +4,7 @@
 mod backfill;
 mod crm;
 mod mapped;
+mod mongo;
 mod pipeline;
 mod raw;
 pub mod secret;

@@ -46,6 +46,65 @@ pub const DEFAULT_BACKFILL_CHUNK_ROWS: u64 = 100_000;
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     Postgres(PostgresSourceConfig),
+    Mongodb(MongoSourceConfig),
+}
+
+impl SourceConfig {
+    /// The PostgreSQL source, for the features only it has (backfills, slot lag).
+    pub fn postgres(&self) -> Option<&PostgresSourceConfig> {
+        match self {
+            SourceConfig::Postgres(pg) => Some(pg),
+            SourceConfig::Mongodb(_) => None,
+        }
+    }
+}
+
+/// A MongoDB deployment captured through change streams.
+#[derive(Debug, Clone)]
+pub struct MongoSourceConfig {
+    /// The connection string; a secret because it usually holds the password.
+    pub url: Secret,
+    /// Hosts of the connection string, for messages.
+    pub display: String,
+    pub database: String,
+    /// The collections captured; `None` captures every collection the database has at start.
+    pub collections: Option<Vec<String>>,
+    pub full_document: FullDocument,
+    pub snapshot: SnapshotMode,
+    pub on_history_lost: HistoryLost,
+    pub json: JsonMode,
+    /// Documents per snapshot chunk (the unit of snapshot checkpointing).
+    pub snapshot_chunk_docs: u64,
+}
+
+/// What an update event carries besides the change itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullDocument {
+    /// The document as it is when the event is read (a later state, or none if since deleted).
+    UpdateLookup,
+    /// Post- and pre-images when the collection records them, nothing otherwise.
+    WhenAvailable,
+    /// Post- and pre-images; the server fails the stream when one is missing.
+    Required,
+}
+
+/// What to do when the stored resume point has left the oplog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryLost {
+    /// Stop with an error naming the collection.
+    Fail,
+    /// Read the affected collections again from a new snapshot, then stream.
+    Resnapshot,
+}
+
+/// How BSON values are written as Extended JSON (v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonMode {
+    /// Plain JSON numbers and strings where they are exact (what Debezium's connector emits).
+    Relaxed,
+    /// Every value with its BSON type (`{"$numberInt": "1"}`), for consumers that must tell
+    /// Int32 from Int64 from Double.
+    Canonical,
 }
 
 #[derive(Debug, Clone)]

@@ -49,6 +49,7 @@ pub struct RawBackfill {
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Postgres,
+    Mongodb,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,7 +60,9 @@ pub struct RawSource {
     pub url: Spanned<String>,
     #[serde(default)]
     pub password: Option<Spanned<String>>,
-    pub tables: Spanned<Vec<Spanned<String>>>,
+    /// PostgreSQL only.
+    #[serde(default)]
+    pub tables: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub snapshot: Option<Spanned<String>>,
     #[serde(default)]
@@ -70,6 +73,17 @@ pub struct RawSource {
     pub heartbeat: Option<Spanned<String>>,
     #[serde(default)]
     pub snapshot_chunk_rows: Option<Spanned<u64>>,
+    /// MongoDB only, as are the keys below.
+    #[serde(default)]
+    pub database: Option<Spanned<String>>,
+    #[serde(default)]
+    pub collections: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub full_document: Option<Spanned<String>>,
+    #[serde(default)]
+    pub on_history_lost: Option<Spanned<String>>,
+    #[serde(default)]
+    pub json: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

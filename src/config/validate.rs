@@ -100,10 +100,17 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         ));
     }
     let source = match raw.source.kind.value {
-        SourceKind::Postgres => SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?),
+        SourceKind::Postgres => {
+            super::mongo::reject_mongo_keys(&cx, &raw.source)?;
+            SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?)
+        }
+        SourceKind::Mongodb => SourceConfig::Mongodb(super::mongo::mongo_source(&cx, raw.source)?),
     };
-    let SourceConfig::Postgres(pg) = &source;
-    let source_tables = pg.tables.clone();
+    // Empty for a MongoDB source that captures every collection: sinks then name theirs.
+    let source_tables = match &source {
+        SourceConfig::Postgres(pg) => pg.tables.clone(),
+        SourceConfig::Mongodb(m) => super::mongo::mongo_tables(m),
+    };
     let default_path = PathBuf::from("data").join(&name);
     let transport = match raw.transport {
         None => TransportConfig::Embedded { path: default_path },
@@ -150,6 +157,13 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
             )
         })?),
     };
+    if let (SourceConfig::Mongodb(_), Some(first)) = (&source, raw.backfills.first()) {
+        return Err(cx.err(
+            &first.name,
+            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is mongodb",
+            "remove `backfills`; a MongoDB collection is read again by its snapshot (see on_history_lost)",
+        ));
+    }
     let backfills = super::backfill::schedules(&cx, raw.backfills)?;
     Ok(Pipeline { name, file: file.to_path_buf(), source, transport, sinks, metrics_listen, backfills })
 }
@@ -162,8 +176,15 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
     if let Some(pw) = &raw.password {
         conn.password = Some(Secret::new(cx.resolve("source.password", pw)?));
     }
+    let Some(raw_tables) = &raw.tables else {
+        return Err(cx.err(
+            &raw.kind,
+            "source: a postgres source needs `tables`",
+            "list the tables to capture, e.g. `tables: [public.orders]`",
+        ));
+    };
     let mut tables = Vec::new();
-    for t in &raw.tables.value {
+    for t in &raw_tables.value {
         let id = TableId::parse(t.value.trim()).ok_or_else(|| {
             cx.err(
                 t,
@@ -178,7 +199,7 @@ fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresS
     }
     if tables.is_empty() {
         return Err(cx.err(
-            &raw.tables,
+            raw_tables,
             "source.tables: the list is empty",
             "list the tables to capture, e.g. [public.orders]",
         ));

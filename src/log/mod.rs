@@ -8,9 +8,11 @@
 
 mod batch;
 mod recent;
+mod registry;
 mod toast;
 
 pub use batch::WriteBatch;
+pub use registry::SchemaRegistry;
 
 use batch::{decode_segment, segment_first};
 use recent::RecentEvents;

@@ -11,6 +11,7 @@ pub mod status;
 pub use shutdown::Shutdown;
 
 use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
+use crate::connectors::mongo::MongoSource;
 use crate::connectors::parquet::ParquetSink;
 use crate::connectors::postgres::backfill::Backfills;
 use crate::connectors::postgres::PostgresSource;
@@ -75,20 +76,29 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let source_progress = Arc::new(SourceProgress::default());
     // The idle window of `--until-idle` counts from the start, not from the epoch.
     source_progress.last_data_ms.store(progress::now_ms(), Ordering::Release);
-    let SourceConfig::Postgres(pg) = &pipeline.source;
     let backfills = Arc::new(Backfills::default());
-    let source = PostgresSource::new(
-        pg.clone(),
-        &pipeline.name,
-        log.clone(),
-        source_progress.clone(),
-        backfills.clone(),
-        shutdown.clone(),
-    );
-    // Configuration problems (tables, keys, publication, backfill clauses) stop the run
-    // before anything starts.
-    let catalog = source.prepare().await?;
-    scheduled::check(&pipeline.file, &pipeline.backfills, catalog.client()).await?;
+    // Configuration problems (tables, keys, publication, backfill clauses, collections) stop
+    // the run before anything starts.
+    let source_task: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> = match &pipeline.source {
+        SourceConfig::Postgres(pg) => {
+            let source = PostgresSource::new(
+                pg.clone(),
+                &pipeline.name,
+                log.clone(),
+                source_progress.clone(),
+                backfills.clone(),
+                shutdown.clone(),
+            );
+            let catalog = source.prepare().await?;
+            scheduled::check(&pipeline.file, &pipeline.backfills, catalog.client()).await?;
+            Box::pin(source.run(catalog))
+        }
+        SourceConfig::Mongodb(m) => {
+            let source = MongoSource::new(m.clone(), log.clone(), source_progress.clone(), shutdown.clone());
+            let prepared = source.prepare().await?;
+            Box::pin(source.run(prepared))
+        }
+    };
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
     register_metrics(&sink_names);
@@ -143,8 +153,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         };
         tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
     }
-    tasks.spawn(async move { source.run(catalog).await.map_err(|e| ("source".to_string(), e)) });
-    if !pipeline.backfills.is_empty() {
+    tasks.spawn(async move { source_task.await.map_err(|e| ("source".to_string(), e)) });
+    if let (Some(pg), false) = (pipeline.source.postgres(), pipeline.backfills.is_empty()) {
         let schedules = scheduled::run(
             pipeline.name.clone(),
             pipeline.backfills.clone(),
