@@ -80,14 +80,14 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
         SourceConfig::Mongodb(m) => {
             let collections = m.collections.as_ref().map(|c| c.join(", ")).unwrap_or_else(|| "all".into());
             println!(
-                "  source: mongodb {} database {} collections [{collections}], snapshot {}, full document {:?}, \
-                 on history lost {:?}, json {:?}",
+                "  source: mongodb {} database {} collections [{collections}], snapshot {}, full_document {}, \
+                 on_history_lost {}, json {}",
                 m.display,
                 m.database,
                 snapshot(m.snapshot),
-                m.full_document,
-                m.on_history_lost,
-                m.json
+                m.full_document.name(),
+                m.on_history_lost.name(),
+                m.json.name()
             );
         }
     }

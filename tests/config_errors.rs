@@ -468,7 +468,10 @@ fn a_mongodb_source_validates_without_printing_its_password() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("source: mongodb 127.0.0.1:27017 database shop collections [orders, customers]"), "{stdout}");
+    assert!(
+        stdout.contains("source: mongodb 127.0.0.1:27017 database shop collections [orders, customers]"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("hunter2"), "{stdout}");
 }
 
@@ -477,11 +480,7 @@ fn mongodb_source_mistakes_are_named_with_their_fix() {
     let dir = tempfile::tempdir().unwrap();
     let good = MONGO.replace("${env:SLUICE_TEST_MONGO_PW}", "pw");
     let cases = [
-        (
-            good.replace("  database: shop\n", ""),
-            "source: a mongodb source needs `database`",
-            "add `database: NAME`",
-        ),
+        (good.replace("  database: shop\n", ""), "source: a mongodb source needs `database`", "add `database: NAME`"),
         (
             good.replace("  collections: [orders, customers]\n", "  tables: [public.orders]\n"),
             "source.tables: does not apply to mongodb sources",

@@ -23,20 +23,33 @@ pub struct Measured {
 
 /// Runs `sluice run FILE --until-idle 1s` to success and measures it.
 pub fn run_sluice(file: &Path) -> Measured {
+    run(file, "warn", &[]).0
+}
+
+/// As [`run_sluice`], also returning what it logged as JSON lines at `info`, for timings taken
+/// from the log's events.
+#[allow(dead_code)]
+pub fn run_sluice_logged(file: &Path) -> (Measured, String) {
+    run(file, "info", &["--log-format", "json"])
+}
+
+fn run(file: &Path, level: &str, global_args: &[&str]) -> (Measured, String) {
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let start = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(global_args)
         .args(["run", file.to_str().unwrap(), "--until-idle", "1s"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
     let wall = start.elapsed();
     let (cpu1, rss) = usage(UsageWho::RUSAGE_CHILDREN);
     // A warning during a measured run (a paused budget, a retry) explains an odd figure: show it.
-    for line in String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("WARN")) {
+    for line in log.lines().filter(|l| l.contains("WARN")) {
         println!("  sluice warned: {line}");
     }
-    Measured { wall, cpu: cpu1 - cpu0, peak_rss_mib: rss }
+    (Measured { wall, cpu: cpu1 - cpu0, peak_rss_mib: rss }, log)
 }

@@ -426,3 +426,39 @@ fn redacted(e: &mongodb::error::Error, url: &crate::config::Secret) -> String {
 pub fn snapshot_rows(stored: &[u8]) -> Option<u64> {
     CollectionState::decode(stored).ok()?.snapshot.map(|s| s.rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::error::CommandError;
+
+    fn command_error(code: i32, name: &str) -> mongodb::error::Error {
+        let e: CommandError =
+            mongodb::bson::from_document(doc! { "code": code, "codeName": name, "errmsg": "server says" }).unwrap();
+        mongodb::error::Error::from(ErrorKind::Command(e))
+    }
+
+    #[test]
+    fn a_lost_resume_point_is_recognised_by_its_codes() {
+        assert!(is_history_lost(&command_error(286, "ChangeStreamHistoryLost")));
+        assert!(is_history_lost(&command_error(280, "ChangeStreamFatalError")));
+        assert!(!is_history_lost(&command_error(11600, "InterruptedAtShutdown")));
+    }
+
+    #[test]
+    fn refusals_are_config_errors_and_network_trouble_is_retried() {
+        let denied = classify("watch", "shop.orders", command_error(13, "Unauthorized"));
+        assert!(matches!(&denied, Error::Config(m) if m.contains("lacks the privilege")), "{denied}");
+        let io = mongodb::error::Error::from(ErrorKind::Io(Arc::new(std::io::Error::other("reset"))));
+        assert!(classify("watch", "shop.orders", io).is_retryable());
+        assert!(!classify("watch", "shop.orders", command_error(2, "BadValue")).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_url_error_never_shows_the_password() {
+        let url = crate::config::Secret::new("mongodb://sync:hunter2@h:notaport/");
+        let e = mongodb::options::ClientOptions::parse(url.expose()).await.unwrap_err();
+        let shown = redacted(&e, &url);
+        assert!(!shown.is_empty() && !shown.contains("hunter2"), "{shown}");
+    }
+}

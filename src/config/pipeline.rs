@@ -88,6 +88,17 @@ pub enum FullDocument {
     Required,
 }
 
+impl FullDocument {
+    /// The name the pipeline file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            FullDocument::UpdateLookup => "update_lookup",
+            FullDocument::WhenAvailable => "when_available",
+            FullDocument::Required => "required",
+        }
+    }
+}
+
 /// What to do when the stored resume point has left the oplog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HistoryLost {
@@ -95,6 +106,16 @@ pub enum HistoryLost {
     Fail,
     /// Read the affected collections again from a new snapshot, then stream.
     Resnapshot,
+}
+
+impl HistoryLost {
+    /// The name the pipeline file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            HistoryLost::Fail => "fail",
+            HistoryLost::Resnapshot => "resnapshot",
+        }
+    }
 }
 
 /// How BSON values are written as Extended JSON (v2).
@@ -347,4 +368,14 @@ pub enum PartitionBy {
     CommitDate,
     /// One directory per table.
     None,
+}
+
+impl JsonMode {
+    /// The name the pipeline file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            JsonMode::Relaxed => "relaxed",
+            JsonMode::Canonical => "canonical",
+        }
+    }
 }
