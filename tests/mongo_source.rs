@@ -199,7 +199,7 @@ async fn a_missing_collection_or_an_unreachable_server_stops_the_run_with_a_clea
     let file = m.pipeline_file(&["present", "absent"], "");
     let out = sluice(&["run", file.to_str().unwrap(), "--until-idle", "1s"], m.dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!("collection {}.absent does not exist on 127.0.0.1:27017 (it has: present)", m.name)),
         "{stderr}"
@@ -214,7 +214,32 @@ async fn a_missing_collection_or_an_unreachable_server_stops_the_run_with_a_clea
     std::fs::write(&file, text).unwrap();
     let out = sluice(&["run", file.to_str().unwrap(), "--until-idle", "1s"], m.dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains(&format!("connect 127.0.0.1:{port}")), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("cannot connect to 127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("is the server running and reachable?"), "{stderr}");
     assert!(stderr.contains("Server selection timeout"), "{stderr}");
+}
+
+#[tokio::test]
+async fn without_a_collection_list_every_collection_is_captured() {
+    let m = TestMongo::new("mg_all").await;
+    let file = m.pipeline_file(&[], "");
+    let out = sluice(&["run", file.to_str().unwrap(), "--until-idle", "1s"], m.dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("database {} on 127.0.0.1:27017 has no collections to capture", m.name)),
+        "{stderr}"
+    );
+
+    for (name, n) in [("a", 5), ("b", 3)] {
+        let docs: Vec<Document> = (0..n).map(|i| doc! { "_id": format!("{name}{i}"), "n": i }).collect();
+        m.db.collection::<Document>(name).insert_many(docs).await.unwrap();
+    }
+    run_until_idle(&file);
+    for (name, n) in [("a", 5), ("b", 3)] {
+        let rows = changelog(&m.lake_dir(), &format!("{}.{name}", m.name));
+        assert_eq!(rows.len(), n, "{name}");
+        assert_eq!(lake_documents(&rows), m.documents(name).await, "{name}");
+    }
 }

@@ -73,7 +73,15 @@ impl MongoSource {
         options.app_name = Some("sluice".into());
         let client = mongodb::Client::with_options(options).map_err(|e| classify("connect", &self.cfg.display, e))?;
         let db = client.database(&self.cfg.database);
-        db.run_command(doc! { "ping": 1 }).await.map_err(|e| classify("connect", &self.cfg.display, e))?;
+        // At start an unreachable server is a setup problem (exit 2), as for PostgreSQL; later,
+        // network trouble is retried.
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| match classify("connect", &self.cfg.display, e) {
+            Error::Config(m) => Error::Config(m),
+            other => Error::config(format!(
+                "cannot connect to {}: {other} (is the server running and reachable?)",
+                self.cfg.display
+            )),
+        })?;
         let mut present =
             db.list_collection_names().await.map_err(|e| classify("list collections", &self.cfg.display, e))?;
         present.retain(|n| !n.starts_with("system."));

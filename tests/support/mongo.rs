@@ -35,17 +35,20 @@ impl TestMongo {
         self.dir.path().join("lake")
     }
 
-    /// Writes a pipeline capturing `collections` into a file:// lake; `extra_source` lines go
-    /// into the source block.
+    /// Writes a pipeline capturing `collections` (every collection when empty) into a file://
+    /// lake; `extra_source` lines go into the source block.
     pub fn pipeline_file(&self, collections: &[&str], extra_source: &str) -> PathBuf {
+        let colls = match collections {
+            [] => String::new(),
+            list => format!("  collections: [{}]\n", list.join(", ")),
+        };
         let yaml = format!(
-            "name: {name}\nsource:\n  type: mongodb\n  url: \"{url}\"\n  database: {name}\n  collections: [{colls}]\n\
+            "name: {name}\nsource:\n  type: mongodb\n  url: \"{url}\"\n  database: {name}\n{colls}\
              \x20 snapshot_chunk_rows: 100\n{extra_source}\
              transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n\
              \x20   roll: {{ max_rows: 2000, max_age: 1s }}\n",
             name = self.name,
             url = mongo_url(),
-            colls = collections.join(", "),
             data = self.data_dir().display(),
             lake = self.lake_dir().display(),
         );
