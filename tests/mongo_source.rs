@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Duration;
 use support::lake::{changelog, duplicate_positions};
 use support::mongo::{lake_documents, TestMongo};
-use support::{eventually, run_until_idle, seed, sluice, Running};
+use support::{eventually, run_until_idle, seed, sluice, Running, TestDb};
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap()
@@ -242,4 +242,50 @@ async fn without_a_collection_list_every_collection_is_captured() {
         assert_eq!(rows.len(), n, "{name}");
         assert_eq!(lake_documents(&rows), m.documents(name).await, "{name}");
     }
+}
+
+/// A collection mirrored into a PostgreSQL table through a mapping that reads the documents'
+/// fields (`| json`), with an update and a delete following.
+#[tokio::test]
+async fn a_collection_mirrors_into_postgres_through_a_mapping() {
+    let m = TestMongo::new("mg_mirror").await;
+    let target = TestDb::new("mg_mirror_target").await;
+    target
+        .client
+        .batch_execute("CREATE TABLE contacts (mongo_id text PRIMARY KEY, email text, city text, _sluice_version text)")
+        .await
+        .unwrap();
+    let people = m.db.collection::<Document>("people");
+    people
+        .insert_many([
+            doc! { "_id": "p1", "email": "Ada@X.org", "ship": { "city": "Oslo" } },
+            doc! { "_id": "p2", "email": "Bo@Y.org", "ship": { "city": "Bergen" } },
+            doc! { "_id": "p3", "email": "Cy@Z.org" },
+        ])
+        .await
+        .unwrap();
+    let sink = format!(
+        "  - name: crm\n    type: postgres\n    url: {}\n    table: public.contacts\n\
+         \x20   key: {{ source: \"{{{{ key._id | json }}}}\", target: mongo_id }}\n\
+         \x20   fields:\n\
+         \x20     email: \"{{{{ (after.document | json).email | lower }}}}\"\n\
+         \x20     city: \"{{{{ ((after.document | json).ship | default({{}})).city | default(none) }}}}\"\n",
+        target.url()
+    );
+    let file = m.pipeline_with_sinks(&["people"], &sink);
+    run_until_idle(&file);
+    let contacts = "SELECT mongo_id, email, city FROM contacts ORDER BY mongo_id";
+    let row =
+        |id: &str, email: &str, city: Option<&str>| vec![Some(id.into()), Some(email.into()), city.map(Into::into)];
+    assert_eq!(
+        target.rows(contacts).await,
+        vec![row("p1", "ada@x.org", Some("Oslo")), row("p2", "bo@y.org", Some("Bergen")), row("p3", "cy@z.org", None)]
+    );
+    people.update_one(doc! { "_id": "p2" }, doc! { "$set": { "email": "BO@NEW.org" } }).await.unwrap();
+    people.delete_one(doc! { "_id": "p3" }).await.unwrap();
+    run_until_idle(&file);
+    assert_eq!(
+        target.rows(contacts).await,
+        vec![row("p1", "ada@x.org", Some("Oslo")), row("p2", "bo@new.org", Some("Bergen"))]
+    );
 }

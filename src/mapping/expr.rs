@@ -20,6 +20,7 @@ static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.add_filter("decimal", decimal);
     env.add_filter("bool", boolean);
+    env.add_filter("json", json);
     env.add_filter("date", date);
     env.add_filter("timestamptz", timestamptz);
     env.add_filter("hmac_sha256", hmac_sha256);
@@ -193,6 +194,37 @@ fn decimal(value: Value, scale: Option<i64>) -> Result<Value, Error> {
     Ok(Value::from(d.to_plain_string()))
 }
 
+/// The value of JSON text: objects and arrays become maps and lists whose fields an expression
+/// can read (`(after.document | json).email`, for a MongoDB document or a jsonb column).
+fn json(value: Value) -> Result<Value, Error> {
+    if value.is_none() {
+        return Ok(value);
+    }
+    let text = value.to_string();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("`{text}` is not JSON ({e})")))?;
+    Ok(from_json(parsed))
+}
+
+/// serde_json's numbers are exact text here (its `arbitrary_precision`), which minijinja's
+/// serde support would see as a map: so the conversion is by hand.
+fn from_json(v: serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) if f.is_finite() => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        serde_json::Value::String(s) => Value::from(s),
+        serde_json::Value::Array(items) => Value::from(items.into_iter().map(from_json).collect::<Vec<_>>()),
+        serde_json::Value::Object(map) => {
+            Value::from(map.into_iter().map(|(k, v)| (k, from_json(v))).collect::<std::collections::BTreeMap<_, _>>())
+        }
+    }
+}
+
 /// true/false from booleans, numbers, and the usual words (`yes`, `t`, `1`, `off` ...).
 fn boolean(value: Value) -> Result<Value, Error> {
     if value.is_none() || value.kind() == minijinja::value::ValueKind::Bool {
@@ -339,6 +371,32 @@ mod tests {
 
     fn eval(text: &str, ctx: Value) -> Value {
         Expr::compile(text).expect("compiles").eval(&ctx).expect("evaluates")
+    }
+
+    #[test]
+    fn json_text_becomes_fields_an_expression_can_read() {
+        let doc = r#"{"_id":{"$oid":"64b7f0c2a1b2c3d4e5f60718"},"email":"Ada@X.org","n":9007199254740993,
+                     "total":12.5,"tags":["a","b"],"ship":{"city":"Oslo"},"gone":null,"price":{"$numberDecimal":"1.10"}}"#;
+        let ctx = context! { after => context! { document => doc } };
+        assert_eq!(eval("{{ (after.document | json).email | lower }}", ctx.clone()), Value::from("ada@x.org"));
+        assert_eq!(
+            eval("{{ (after.document | json)._id['$oid'] }}", ctx.clone()),
+            Value::from("64b7f0c2a1b2c3d4e5f60718")
+        );
+        assert_eq!(eval("{{ (after.document | json).n }}", ctx.clone()), Value::from(9_007_199_254_740_993_i64));
+        assert_eq!(eval("{{ (after.document | json).total }}", ctx.clone()), Value::from(12.5));
+        assert_eq!(eval("{{ (after.document | json).tags[1] }}", ctx.clone()), Value::from("b"));
+        assert_eq!(eval("{{ (after.document | json).ship.city }}", ctx.clone()), Value::from("Oslo"));
+        assert!(eval("{{ (after.document | json).gone }}", ctx.clone()).is_none());
+        assert_eq!(
+            eval("{{ (after.document | json).price['$numberDecimal'] | decimal(2) }}", ctx.clone()),
+            Value::from("1.10")
+        );
+        assert_eq!(eval("{{ after.missing_is_none | default(none) | json }}", ctx.clone()), Value::from(()));
+        let bad = Expr::compile("{{ after.document | json }}")
+            .unwrap()
+            .eval(&context! { after => context! { document => "{" } });
+        assert!(bad.unwrap_err().to_string().contains("is not JSON"));
     }
 
     #[test]

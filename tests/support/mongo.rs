@@ -57,6 +57,21 @@ impl TestMongo {
         path
     }
 
+    /// Writes a pipeline capturing `collections` into the given `sinks:` list (YAML items).
+    pub fn pipeline_with_sinks(&self, collections: &[&str], sinks: &str) -> PathBuf {
+        let yaml = format!(
+            "name: {name}\nsource:\n  type: mongodb\n  url: \"{url}\"\n  database: {name}\n  collections: [{colls}]\n\
+             transport:\n  type: embedded\n  path: {data}\nsinks:\n{sinks}",
+            name = self.name,
+            url = mongo_url(),
+            colls = collections.join(", "),
+            data = self.data_dir().display(),
+        );
+        let path = self.dir.path().join("pipeline.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
     /// Waits until `running` (that very process) has finished its snapshots.
     pub async fn await_streaming(&self, running: &Running) {
         let status = self.data_dir().join("status.json");
