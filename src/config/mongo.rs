@@ -94,63 +94,42 @@ pub(super) fn mongo_source(cx: &Ctx, raw: RawSource) -> Result<MongoSourceConfig
             Some(names)
         }
     };
-    let full_document = match raw.full_document.as_ref() {
-        None => FullDocument::UpdateLookup,
-        Some(v) => match v.value.trim() {
-            "update_lookup" => FullDocument::UpdateLookup,
-            "when_available" => FullDocument::WhenAvailable,
-            "required" => FullDocument::Required,
-            other => {
-                return Err(cx.err(
-                    v,
-                    format!("source.full_document: `{other}` is not a full-document mode"),
-                    "use update_lookup, when_available or required (the last two read pre- and post-images)",
-                ))
-            }
-        },
-    };
-    let snapshot = match raw.snapshot.as_ref() {
-        None => SnapshotMode::Initial,
-        Some(v) => match v.value.trim() {
-            "initial" => SnapshotMode::Initial,
-            "never" => SnapshotMode::Never,
-            other => {
-                return Err(cx.err(
-                    v,
-                    format!("source.snapshot: `{other}` is not a snapshot mode"),
-                    "use `initial` or `never`",
-                ))
-            }
-        },
-    };
-    let on_history_lost = match raw.on_history_lost.as_ref() {
-        None => HistoryLost::Fail,
-        Some(v) => match v.value.trim() {
-            "fail" => HistoryLost::Fail,
-            "resnapshot" => HistoryLost::Resnapshot,
-            other => {
-                return Err(cx.err(
-                    v,
-                    format!("source.on_history_lost: `{other}` is not a policy"),
-                    "use `fail` (stop with an error) or `resnapshot` (read the affected collections again)",
-                ))
-            }
-        },
-    };
-    let json = match raw.json.as_ref() {
-        None => JsonMode::Relaxed,
-        Some(v) => match v.value.trim() {
-            "relaxed" => JsonMode::Relaxed,
-            "canonical" => JsonMode::Canonical,
-            other => {
-                return Err(cx.err(
-                    v,
-                    format!("source.json: `{other}` is not an Extended JSON mode"),
-                    "use `relaxed` (plain numbers, as Debezium) or `canonical` (every value typed)",
-                ))
-            }
-        },
-    };
+    let full_document = choice(
+        cx,
+        "full_document",
+        raw.full_document.as_ref(),
+        &[
+            ("update_lookup", FullDocument::UpdateLookup),
+            ("when_available", FullDocument::WhenAvailable),
+            ("required", FullDocument::Required),
+        ],
+        "a full-document mode",
+        "use update_lookup, when_available or required (the last two read pre- and post-images)",
+    )?;
+    let snapshot = choice(
+        cx,
+        "snapshot",
+        raw.snapshot.as_ref(),
+        &[("initial", SnapshotMode::Initial), ("never", SnapshotMode::Never)],
+        "a snapshot mode",
+        "use `initial` or `never`",
+    )?;
+    let on_history_lost = choice(
+        cx,
+        "on_history_lost",
+        raw.on_history_lost.as_ref(),
+        &[("fail", HistoryLost::Fail), ("resnapshot", HistoryLost::Resnapshot)],
+        "a policy",
+        "use `fail` (stop with an error) or `resnapshot` (read the affected collections again)",
+    )?;
+    let json = choice(
+        cx,
+        "json",
+        raw.json.as_ref(),
+        &[("relaxed", JsonMode::Relaxed), ("canonical", JsonMode::Canonical)],
+        "an Extended JSON mode",
+        "use `relaxed` (plain numbers, as Debezium) or `canonical` (every value typed)",
+    )?;
     let snapshot_chunk_docs = match &raw.snapshot_chunk_rows {
         Some(n) if n.value == 0 => {
             return Err(cx.err(n, "source.snapshot_chunk_rows: must be at least 1", "use a value like 10000"))
@@ -169,6 +148,23 @@ pub(super) fn mongo_source(cx: &Ctx, raw: RawSource) -> Result<MongoSourceConfig
         json,
         snapshot_chunk_docs,
     })
+}
+
+/// One of `options` by name (the first is the default when the key is absent).
+fn choice<T: Copy>(
+    cx: &Ctx,
+    key: &str,
+    value: Option<&Spanned<String>>,
+    options: &[(&str, T)],
+    what: &str,
+    fix: &str,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else { return Ok(options[0].1) };
+    let name = v.value.trim();
+    match options.iter().find(|(n, _)| *n == name) {
+        Some((_, t)) => Ok(*t),
+        None => Err(cx.err(v, format!("source.{key}: `{name}` is not {what}"), fix)),
+    }
 }
 
 /// The tables a MongoDB source captures, when they are known before connecting.
