@@ -520,3 +520,75 @@ fn mongodb_source_mistakes_are_named_with_their_fix() {
     ];
     refused_with_fixes(dir.path(), &cases);
 }
+
+const KAFKA: &str = "transport:\n  type: kafka\n  brokers: 127.0.0.1:9092\n  topic_prefix: shop\n  partitions: 12\n  \
+                     security: { protocol: SASL_SSL, mechanism: SCRAM-SHA-512, username: sync, password: \"${env:SLUICE_TEST_KAFKA_PW}\" }\n";
+
+#[test]
+fn a_kafka_transport_validates_without_printing_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &format!("{GOOD}{KAFKA}"));
+    let out = Command::new(support::sluice_bin())
+        .args(["validate", path.to_str().unwrap()])
+        .env("SLUICE_TEST_KAFKA_PW", "hunter2-kafka")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("transport: kafka 127.0.0.1:9092 topics shop.* (12 partitions, replication 1), zstd compression, security SASL_SSL"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}
+
+#[test]
+fn kafka_transport_mistakes_are_named_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = format!("{GOOD}{}", KAFKA.replace("${env:SLUICE_TEST_KAFKA_PW}", "pw"));
+    let cases = [
+        (
+            good.replace("  brokers: 127.0.0.1:9092\n", ""),
+            "transport: a kafka transport needs `brokers`",
+            "add `brokers: 127.0.0.1:9092`",
+        ),
+        (
+            good.replace("127.0.0.1:9092", "kafka://127.0.0.1"),
+            "transport.brokers: `kafka://127.0.0.1` is not host:port",
+            "list brokers as host:port",
+        ),
+        (
+            good.replace("partitions: 12", "partitions: 0"),
+            "transport.partitions: 0 is out of range",
+            "use a whole number from 1 to 10000",
+        ),
+        (
+            good.replace("topic_prefix: shop", "topic_prefix: \"shop/x\""),
+            "transport.topic_prefix: `shop/x` cannot start a topic name",
+            "use letters, digits",
+        ),
+        (
+            good.replace("SCRAM-SHA-512", "GSSAPI"),
+            "transport.security.mechanism: `GSSAPI` is not supported",
+            "use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+        ),
+        (
+            good.replace("mechanism: SCRAM-SHA-512, ", ""),
+            "transport.security: SASL_SSL needs a `mechanism`",
+            "add `mechanism: SCRAM-SHA-512`",
+        ),
+        (
+            good.replace("username: sync, ", ""),
+            "transport.security: SASL needs `username` and `password`",
+            "add `username: NAME`",
+        ),
+        (
+            good.clone() + "  producer: { compression: brotli }\n",
+            "transport.producer.compression: `brotli` is not a Kafka compression",
+            "use none, gzip, snappy, lz4 or zstd",
+        ),
+        (
+            format!("{GOOD}transport:\n  type: embedded\n  brokers: 127.0.0.1:9092\n"),
+            "transport.brokers: applies to a kafka transport only",
+            "set `type: kafka`",
+        ),
+    ];
+    refused_with_fixes(dir.path(), &cases);
+}

@@ -3,6 +3,7 @@
 
 mod backfill;
 mod crm;
+mod kafka;
 mod mapped;
 mod mongo;
 mod pipeline;

@@ -5,7 +5,7 @@ use crate::event::TableId;
 use crate::mapping::conflict::Strategy;
 use crate::mapping::MappingConfig;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A pipeline ready to build.
@@ -191,8 +191,88 @@ pub enum SnapshotMode {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum TransportConfig {
     Embedded { path: PathBuf },
+    Kafka(KafkaTransportConfig),
+}
+
+impl TransportConfig {
+    /// The local directory: the whole log when embedded; with Kafka, the source's buffer and
+    /// state and each sink's buffer.
+    pub fn path(&self) -> &Path {
+        match self {
+            TransportConfig::Embedded { path } => path,
+            TransportConfig::Kafka(k) => &k.path,
+        }
+    }
+
+    /// Where a sink keeps its local files (dead letters, review queue, spool): beside the log
+    /// when embedded; with Kafka, in the sink's own buffer.
+    pub fn sink_dir(&self, sink: &str) -> PathBuf {
+        match self {
+            TransportConfig::Embedded { path } => path.clone(),
+            TransportConfig::Kafka(k) => k.path.join("sinks").join(sink),
+        }
+    }
+}
+
+/// `transport: { type: kafka }`: changes go to Kafka topics and sinks read them through
+/// consumer groups.
+#[derive(Debug, Clone)]
+pub struct KafkaTransportConfig {
+    pub path: PathBuf,
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topics are `PREFIX.SCHEMA.TABLE`, as Debezium names them.
+    pub topic_prefix: String,
+    /// Partitions of topics sluice creates.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Embed a Kafka Connect schema in every key and value (Debezium's JsonConverter with
+    /// `schemas.enable=true`); off, the payload alone.
+    pub schemas: bool,
+    /// How often the heartbeat topic gets a record, so consumers see the source is alive.
+    pub heartbeat: Duration,
+    pub compression: KafkaCompression,
+    pub linger_ms: u32,
+    /// Larger records are refused with the table and key named (librdkafka's `message.max.bytes`).
+    pub max_message_bytes: u64,
+    pub security: Option<KafkaSecurity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaCompression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl KafkaCompression {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::None => "none",
+            KafkaCompression::Gzip => "gzip",
+            KafkaCompression::Snappy => "snappy",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Passed through to librdkafka as `security.protocol`, `sasl.*` and `ssl.ca.location`.
+#[derive(Debug, Clone)]
+pub struct KafkaSecurity {
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, with SASL.
+    pub mechanism: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Built once per run, so the variants' size difference costs nothing.

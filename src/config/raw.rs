@@ -90,6 +90,7 @@ pub struct RawSource {
 #[serde(rename_all = "snake_case")]
 pub enum TransportKind {
     Embedded,
+    Kafka,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +100,49 @@ pub struct RawTransport {
     pub kind: Spanned<TransportKind>,
     #[serde(default)]
     pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub brokers: Option<Spanned<String>>,
+    #[serde(default)]
+    pub topic_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub partitions: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub replication_factor: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub schemas: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub heartbeat: Option<Spanned<String>>,
+    #[serde(default)]
+    pub producer: Option<RawKafkaProducer>,
+    #[serde(default)]
+    pub security: Option<RawKafkaSecurity>,
+}
+
+/// `transport.producer` of a kafka transport.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafkaProducer {
+    #[serde(default)]
+    pub compression: Option<Spanned<String>>,
+    #[serde(default)]
+    pub linger_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub max_message_bytes: Option<Spanned<String>>,
+}
+
+/// `transport.security` of a kafka transport.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafkaSecurity {
+    pub protocol: Spanned<String>,
+    #[serde(default)]
+    pub mechanism: Option<Spanned<String>>,
+    #[serde(default)]
+    pub username: Option<Spanned<String>>,
+    #[serde(default)]
+    pub password: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

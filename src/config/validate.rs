@@ -78,7 +78,7 @@ impl Ctx<'_> {
         Ok(Located { expr: Arc::new(expr), file: self.file.to_path_buf(), line, column })
     }
 
-    fn size(&self, field: &str, value: &Spanned<String>) -> Result<u64, ConfigError> {
+    pub(super) fn size(&self, field: &str, value: &Spanned<String>) -> Result<u64, ConfigError> {
         value.value.trim().parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| {
             self.err(
                 value,
@@ -116,8 +116,10 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         None => TransportConfig::Embedded { path: default_path },
         Some(t) => match t.kind.value {
             TransportKind::Embedded => {
+                super::kafka::reject_kafka_keys(&cx, &t)?;
                 TransportConfig::Embedded { path: t.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path) }
             }
+            TransportKind::Kafka => TransportConfig::Kafka(super::kafka::kafka_transport(&cx, &name, t, default_path)?),
         },
     };
     if raw.sinks.value.is_empty() {
