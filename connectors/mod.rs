@@ -3,6 +3,7 @@
 pub mod aimd;
 pub mod http;
 pub mod hubspot;
+pub mod kafka;
 pub mod mapped;
 pub mod mongo;
 pub mod oauth;

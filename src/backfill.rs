@@ -4,7 +4,6 @@
 use crate::cli::BackfillArgs;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice::config;
 use sluice::connectors::postgres::backfill::request::{self, KeyRange};
 use sluice::connectors::postgres::backfill::{BackfillRequest, BackfillStatus};
 use sluice::event::TableId;
@@ -54,11 +53,10 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
     };
     crate::runtime()?.block_on(request::submit(&pg.conn, req, key_range.as_ref()))?;
     println!("backfill {id} requested");
-    let config::TransportConfig::Embedded { path } = &pipeline.transport;
     if args.detach {
         return Ok(());
     }
-    follow(path, &id)
+    follow(pipeline.transport.path(), &id)
 }
 
 /// Follows job `id` in the status file until it ends.

@@ -91,6 +91,19 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
             );
         }
     }
+    match &p.transport {
+        config::TransportConfig::Embedded { path } => println!("  transport: embedded log in {}", path.display()),
+        config::TransportConfig::Kafka(k) => println!(
+            "  transport: kafka {} topics {}.* ({} partitions, replication {}), {} compression, security {}, local state in {}",
+            k.brokers,
+            k.topic_prefix,
+            k.partitions,
+            k.replication_factor,
+            k.compression.as_str(),
+            k.security.as_ref().map(|s| s.protocol.as_str()).unwrap_or("PLAINTEXT"),
+            k.path.display()
+        ),
+    }
     for s in &p.sinks {
         match s {
             SinkConfig::Parquet(pq) => {
@@ -172,7 +185,7 @@ fn run(file: &std::path::Path, options: RunOptions) -> anyhow::Result<()> {
 
 fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let pipeline = load(file)?;
-    let config::TransportConfig::Embedded { path } = &pipeline.transport;
+    let path = pipeline.transport.path();
     let report = runtime::status::read_status(path)
         .with_context(|| format!("no status in {}: the pipeline has not run here yet", path.display()))?;
     let slot = match pipeline.source.postgres() {

@@ -3,7 +3,7 @@
 use crate::cli::{ConflictCommand, DlqCommand, QueueArgs, TakeSide};
 use crate::{load, runtime};
 use anyhow::{bail, Context};
-use sluice::config::{Pipeline, PostgresSinkConfig, SinkConfig, TransportConfig};
+use sluice::config::{Pipeline, PostgresSinkConfig, SinkConfig};
 use sluice::connectors::mapped::replay::{self, Outcome};
 use sluice::connectors::pgsink::queue::{self, Take};
 use sluice::connectors::{hubspot, salesforce};
@@ -27,8 +27,7 @@ fn open(args: &QueueArgs) -> anyhow::Result<(Pipeline, SinkConfig, PathBuf)> {
         (None, _) => bail!("pipeline {} has several mapped sinks; choose one with --sink", pipeline.name),
     };
     let sink = sink.clone();
-    let TransportConfig::Embedded { path } = &pipeline.transport;
-    let dir = path.clone();
+    let dir = pipeline.transport.sink_dir(sink.name());
     Ok((pipeline, sink, dir))
 }
 

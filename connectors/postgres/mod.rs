@@ -14,6 +14,7 @@ pub mod values;
 pub use catalog::Catalog;
 
 use crate::config::{PostgresSourceConfig, SnapshotMode};
+use crate::connectors::kafka::AckGate;
 use crate::error::{Error, Result};
 use crate::event::format_lsn;
 use crate::log::{EmbeddedLog, WriteBatch};
@@ -33,7 +34,7 @@ const MAX_BATCH_EVENTS: usize = 20_000;
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// The meta key of the last acknowledged (durable) LSN.
-const ACK_KEY: &str = "pg.ack";
+pub const ACK_KEY: &str = "pg.ack";
 
 /// A running PostgreSQL source.
 pub struct PostgresSource {
@@ -44,6 +45,8 @@ pub struct PostgresSource {
     /// Backfill jobs, shared with their workers and the status report.
     backfills: Arc<Backfills>,
     shutdown: Shutdown,
+    /// With the Kafka transport: positions are acknowledged only once delivered to Kafka.
+    gate: Option<AckGate>,
 }
 
 impl PostgresSource {
@@ -55,7 +58,14 @@ impl PostgresSource {
         backfills: Arc<Backfills>,
         shutdown: Shutdown,
     ) -> Self {
-        Self { cfg, pipeline: pipeline.to_string(), log, progress, backfills, shutdown }
+        Self { cfg, pipeline: pipeline.to_string(), log, progress, backfills, shutdown, gate: None }
+    }
+
+    /// Acknowledges positions to the server only as `gate` releases them (the Kafka transport's
+    /// delivery watermark) instead of as soon as they are durable in the local log.
+    pub fn with_ack_gate(mut self, gate: AckGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Checks the tables and prepares the publication: configuration errors surface here,
@@ -89,6 +99,15 @@ impl PostgresSource {
         loop {
             match self.run_once(&mut catalog).await {
                 Ok(()) => return Ok(()),
+                // Another process streams from the slot: stand by, and take over once it lets go
+                // (a second member of a Kafka-transport pipeline).
+                Err(e) if e.is_retryable() && e.to_string().contains("is active for PID") => {
+                    tracing::info!(slot = %self.cfg.slot, "the slot is held by another process; standing by");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = self.shutdown.requested() => return Ok(()),
+                    }
+                }
                 Err(e) if e.is_retryable() && !self.shutdown.is_requested() => {
                     metrics::counter!("sluice_retries_total", "stage" => "source").increment(1);
                     tracing::warn!(error = %e, retry_in = ?delay, "source interrupted; reconnecting");
@@ -136,7 +155,13 @@ impl PostgresSource {
         } else {
             None
         };
-        if self.cfg.snapshot == SnapshotMode::Initial {
+        // With Kafka, a member with no local state that finds the slot adopts it: another
+        // member captured before it, and the slot's position covers only what reached Kafka.
+        let adopted = self.gate.is_some() && slot_lsn.is_some() && stored_ack.is_none() && progress.is_none();
+        if adopted {
+            tracing::debug!(slot = %self.cfg.slot, "adopting the slot of another member; streaming from its position");
+        }
+        if self.cfg.snapshot == SnapshotMode::Initial && !adopted {
             let p = progress.get_or_insert_with(SnapshotProgress::default);
             let added = p.configure(&self.cfg.tables);
             if slot_lsn.is_some() && !added.is_empty() {
@@ -256,6 +281,10 @@ impl PostgresSource {
             self.log.clone(),
             cancel.clone(),
         ));
+        let forwarder = self
+            .gate
+            .clone()
+            .map(|gate| tokio::spawn(forward_acks(gate, feedback.clone(), self.progress.clone(), cancel.clone())));
         let mut decoder = Decoder::new(
             &self.pipeline,
             &self.cfg.tables,
@@ -288,6 +317,9 @@ impl PostgresSource {
         .await;
         cancel.cancel();
         let _ = reader.await;
+        if let Some(f) = forwarder {
+            let _ = f.await;
+        }
         let _ = heartbeat.await;
         let _ = backfills.await;
         result
@@ -313,15 +345,40 @@ impl PostgresSource {
         }
         let started = std::time::Instant::now();
         let events = full.len();
-        self.log.commit(full).await?;
+        let head = self.log.commit(full).await?;
         metrics::histogram!("sluice_log_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("sluice_events_in_total").increment(events as u64);
         decoder.batch_committed();
-        if let Some(lsn) = ack {
-            feedback.acknowledge(lsn);
-            self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        match (ack, &self.gate) {
+            (Some(lsn), Some(gate)) => gate.committed(head, lsn),
+            (Some(lsn), None) => {
+                feedback.acknowledge(lsn);
+                self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+            }
+            (None, _) => {}
         }
         Ok(())
+    }
+}
+
+/// Acknowledges what the gate releases, until cancelled.
+async fn forward_acks(
+    gate: AckGate,
+    feedback: replication::Feedback,
+    progress: Arc<SourceProgress>,
+    cancel: CancellationToken,
+) {
+    let mut released = gate.subscribe();
+    loop {
+        let lsn = *released.borrow_and_update();
+        if lsn > 0 {
+            feedback.acknowledge(lsn);
+            progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        }
+        tokio::select! {
+            changed = released.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Meta key of the newest change position appended.
-const LAST_CHANGE: &str = "last_change";
+pub(super) const LAST_CHANGE: &str = "last_change";
 
 /// Everything one source step wants made durable together, in order.
 #[derive(Default)]
@@ -20,6 +20,9 @@ pub struct WriteBatch {
     events: usize,
     /// Approximate memory held by the batch's events.
     bytes: usize,
+    /// Appends every event, even one at or below the last change position (see
+    /// [`WriteBatch::unguarded`]).
+    unguarded: bool,
 }
 
 enum Step {
@@ -55,6 +58,13 @@ impl WriteBatch {
     /// does not regrow (and copy) its step list.
     pub fn with_capacity(steps: usize) -> Self {
         Self { steps: Vec::with_capacity(steps), ..Self::default() }
+    }
+
+    /// A batch that keeps changes at or below the last appended position. A sink's buffer fed
+    /// from Kafka needs it: partitions interleave, so positions do not rise across keys, and
+    /// consumer offsets (not positions) say what was seen before.
+    pub fn unguarded() -> Self {
+        Self { unguarded: true, ..Self::default() }
     }
 
     /// Makes room for `steps` more appends (a backfill piece lands many rows at once).
@@ -112,7 +122,7 @@ impl WriteBatch {
     /// Writes the batch in one fsynced transaction; returns the new head offset and the records
     /// appended, in order.
     pub(super) fn apply(self, db: &Database, mut head: u64) -> Result<(u64, Vec<LogRecord>)> {
-        let WriteBatch { steps, schemas: batch_schemas, events: expected, .. } = self;
+        let WriteBatch { steps, schemas: batch_schemas, events: expected, unguarded, .. } = self;
         let mut appended = Vec::with_capacity(expected);
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
@@ -130,7 +140,7 @@ impl WriteBatch {
             };
             let mut segment = Segment::default();
             let mut append = |event: ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
-                if event.position.phase == Phase::Change {
+                if event.position.phase == Phase::Change && !unguarded {
                     if last_change.is_some_and(|last| event.position <= last) {
                         return Ok(());
                     }

@@ -314,6 +314,35 @@ impl EmbeddedLog {
         .await
     }
 
+    /// Gives up every event `reader` has not taken yet, so the source can capture them again:
+    /// the reader's cursor moves to the head, the replay guard and the `forget` metadata keys
+    /// are cleared. The Kafka transport uses it at start, where what was not yet delivered may
+    /// by now have been captured and delivered by another member, and sending the old copy
+    /// after the newer changes would reorder them.
+    pub async fn give_up_unread(&self, reader: &str, forget: &[&str]) -> Result<u64> {
+        let db = self.db.clone();
+        let head = self.head();
+        let reader = reader.to_string();
+        let forget: Vec<String> = forget.iter().map(|k| k.to_string()).collect();
+        blocking(move || {
+            let tx = db.begin_write()?;
+            let given_up = {
+                let mut cursors = tx.open_table(CURSORS)?;
+                let old = cursors.get(reader.as_str())?.map(|v| v.value()).unwrap_or(0);
+                cursors.insert(reader.as_str(), head.max(old))?;
+                let mut meta = tx.open_table(META)?;
+                meta.remove(batch::LAST_CHANGE)?;
+                for key in &forget {
+                    meta.remove(key.as_str())?;
+                }
+                head.saturating_sub(old)
+            };
+            tx.commit()?;
+            Ok(given_up)
+        })
+        .await
+    }
+
     /// Drops every staged event (used at start: the server resends unfinished transactions).
     pub async fn clear_staging(&self) -> Result<()> {
         let db = self.db.clone();

@@ -10,11 +10,13 @@ pub mod status;
 
 pub use shutdown::Shutdown;
 
-use crate::config::{Pipeline, SinkConfig, SourceConfig, TransportConfig};
+use crate::config::{KafkaTransportConfig, Pipeline, SinkConfig, SourceConfig, TransportConfig};
+use crate::connectors::kafka::envelope::{EnvelopeWriter, Flavor};
+use crate::connectors::kafka::{self, AckGate, KafkaFeed, KafkaPublisher, Topics};
 use crate::connectors::mongo::MongoSource;
 use crate::connectors::parquet::ParquetSink;
 use crate::connectors::postgres::backfill::Backfills;
-use crate::connectors::postgres::PostgresSource;
+use crate::connectors::postgres::{self, PostgresSource};
 use crate::connectors::{hubspot, pgsink, salesforce};
 use crate::error::{Error, Result};
 use crate::log::EmbeddedLog;
@@ -66,13 +68,16 @@ fn register_metrics(sinks: &[String]) {
 
 /// Opens the pipeline's log.
 pub fn open_log(pipeline: &Pipeline) -> Result<EmbeddedLog> {
-    let TransportConfig::Embedded { path } = &pipeline.transport;
-    EmbeddedLog::open(path)
+    EmbeddedLog::open(pipeline.transport.path())
 }
 
 /// Runs until `shutdown` (or idle, with `until_idle`); returns the first fatal error.
 pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) -> Result<()> {
     let log = open_log(&pipeline)?;
+    if let TransportConfig::Kafka(k) = &pipeline.transport {
+        kafka::check_reachable(k).await?;
+    }
+    let ack_gate = AckGate::default();
     let source_progress = Arc::new(SourceProgress::default());
     // The idle window of `--until-idle` counts from the start, not from the epoch.
     source_progress.last_data_ms.store(progress::now_ms(), Ordering::Release);
@@ -89,6 +94,10 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                 backfills.clone(),
                 shutdown.clone(),
             );
+            let source = match &pipeline.transport {
+                TransportConfig::Kafka(_) => source.with_ack_gate(ack_gate.clone()),
+                TransportConfig::Embedded { .. } => source,
+            };
             let catalog = source.prepare().await?;
             scheduled::check(&pipeline.file, &pipeline.backfills, catalog.client()).await?;
             Box::pin(source.run(catalog))
@@ -105,52 +114,89 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let drain = Arc::new(AtomicBool::new(false));
     let mut statuses = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
-    // A sink new to this pipeline starts at the beginning of the log; if the log has already
-    // released events, it would silently miss them.
-    let released = match log.tail().await? {
-        Some(first) => first > 1,
-        None => log.head() > 0,
-    };
-    for cfg in &pipeline.sinks {
-        let name = cfg.name().to_string();
-        let cursor = log.cursor(&name).await?;
-        let state = log.sink_state(&name).await?;
-        if cursor == 0 && state.is_none() && released {
-            return Err(Error::config(format!(
-                "sink {name} is new to pipeline {}, but the log has already released the changes before it; \
-                 it would miss them. Start the pipeline over with an empty transport path (a new slot name or \
-                 after dropping the slot), or run the new sink as its own pipeline",
-                pipeline.name
-            )));
-        }
-        let built: Result<Box<dyn Sink>> = match cfg.clone() {
-            SinkConfig::Parquet(p) => ParquetSink::build(p, log.clone(), cursor, state).await.map(|s| Box::new(s) as _),
-            SinkConfig::Postgres(p) => {
-                pgsink::build(p, &pipeline.name, log.clone(), cursor).await.map(|s| Box::new(s) as _)
-            }
-            SinkConfig::Hubspot(h) => {
-                hubspot::build(h, log.clone(), cursor, shutdown.clone()).await.map(|s| Box::new(s) as _)
-            }
-            SinkConfig::Salesforce(c) => {
-                salesforce::build(c, log.clone(), cursor, shutdown.clone()).await.map(|s| Box::new(s) as _)
-            }
-        };
-        let sink = built.map_err(|e| match e {
-            Error::Config(m) => Error::Config(format!("sink {name}: {m}")),
-            other => other,
-        })?;
+    let mut feeds = Vec::new();
+    let mut inputs = Vec::new();
+    let mut make_runner = |name: String, sink: Box<dyn Sink>, cursor: u64, log: EmbeddedLog, flush_now| {
         let status = Arc::new(Mutex::new(SinkStatus { name: name.clone(), ..Default::default() }));
         statuses.push(status.clone());
-        let runner = SinkRunner {
+        inputs.push(log.clone());
+        SinkRunner {
             name: name.clone(),
             sink,
             cursor,
-            log: log.clone(),
-            all_sinks: sink_names.clone(),
+            all_sinks: vec![name],
+            log,
             shutdown: shutdown.clone(),
             drain: drain.clone(),
+            flush_now,
             status,
-        };
+        }
+    };
+    let mut runners = Vec::new();
+    match &pipeline.transport {
+        TransportConfig::Embedded { .. } => {
+            // A sink new to this pipeline starts at the beginning of the log; if the log has
+            // already released events, it would silently miss them.
+            let released = match log.tail().await? {
+                Some(first) => first > 1,
+                None => log.head() > 0,
+            };
+            for cfg in &pipeline.sinks {
+                let name = cfg.name().to_string();
+                let cursor = log.cursor(&name).await?;
+                let state = log.sink_state(&name).await?;
+                if cursor == 0 && state.is_none() && released {
+                    return Err(Error::config(format!(
+                        "sink {name} is new to pipeline {}, but the log has already released the changes before \
+                         it; it would miss them. Start the pipeline over with an empty transport path (a new slot \
+                         name or after dropping the slot), or run the new sink as its own pipeline",
+                        pipeline.name
+                    )));
+                }
+                let sink = build_sink(cfg, &pipeline.name, log.clone(), cursor, state, &shutdown).await?;
+                let mut runner = make_runner(name, sink, cursor, log.clone(), Arc::default());
+                runner.all_sinks = sink_names.clone();
+                runners.push(runner);
+            }
+        }
+        TransportConfig::Kafka(k) => {
+            // What this member captured but never delivered may since have been captured and
+            // delivered by another member; the slot still holds it (it is acknowledged only once
+            // delivered), so capture it again rather than send a stale copy after newer changes.
+            if pipeline.source.postgres().is_some() {
+                let given_up = log.give_up_unread(kafka::PUBLISHER, &[postgres::ACK_KEY]).await?;
+                if given_up > 0 {
+                    tracing::info!(events = given_up, "undelivered changes will be captured again from the slot");
+                }
+            }
+            let cursor = log.cursor(kafka::PUBLISHER).await?;
+            let envelope = envelope_writer(&pipeline, k);
+            let publisher = KafkaPublisher::build(k, envelope, log.clone(), cursor, ack_gate.clone()).await?;
+            runners.push(make_runner(
+                kafka::PUBLISHER.to_string(),
+                Box::new(publisher),
+                cursor,
+                log.clone(),
+                Arc::default(),
+            ));
+            let topics = sink_topics(&pipeline, k).await?;
+            for cfg in &pipeline.sinks {
+                let name = cfg.name().to_string();
+                let buffer = EmbeddedLog::open(&pipeline.transport.sink_dir(&name))?;
+                let cursor = buffer.cursor(&name).await?;
+                let state = buffer.sink_state(&name).await?;
+                let sink = build_sink(cfg, &pipeline.name, buffer.clone(), cursor, state, &shutdown).await?;
+                let (feed, handle) =
+                    KafkaFeed::start(k, &pipeline.name, &name, topics.clone(), buffer.clone(), shutdown.clone())
+                        .await?;
+                runners.push(make_runner(name.clone(), sink, cursor, buffer, handle.flush_now.clone()));
+                feeds.push(handle);
+                tasks.spawn(async move { feed.run().await.map_err(|e| (format!("sink {name} (kafka feed)"), e)) });
+            }
+        }
+    }
+    for runner in runners {
+        let name = runner.name.clone();
         tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
     }
     tasks.spawn(async move { source_task.await.map_err(|e| ("source".to_string(), e)) });
@@ -181,8 +227,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     let reporter_task = tokio::spawn(reporter.run(finished.clone()));
 
     if let Some(idle) = options.until_idle {
-        let (progress, log, statuses, shutdown, drain) =
-            (source_progress.clone(), log.clone(), statuses.clone(), shutdown.clone(), drain.clone());
+        let (progress, statuses, shutdown, drain) =
+            (source_progress.clone(), statuses.clone(), shutdown.clone(), drain.clone());
         let backfills = backfills.clone();
         tokio::spawn(async move {
             let idle_ms = idle.as_millis() as u64;
@@ -197,11 +243,19 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                 }
                 let quiet = progress.idle_for(idle_ms);
                 drain.store(quiet, Ordering::Release);
-                let head = log.head();
-                let durable = statuses.iter().all(|s| s.lock().expect("status lock").cursor >= head);
+                let durable = statuses
+                    .iter()
+                    .zip(&inputs)
+                    .all(|(s, input)| s.lock().expect("status lock").cursor >= input.head());
+                // Kafka consumers have read everything published, and nothing arrived lately.
+                let consumed = feeds.iter().all(|f| {
+                    f.caught_up.load(Ordering::Acquire)
+                        && progress::now_ms().saturating_sub(f.last_message_ms.load(Ordering::Acquire) as u64)
+                            >= idle_ms
+                });
                 // A running backfill is not idle, even between chunks.
-                if quiet && durable && backfills.running_tables().is_empty() {
-                    tracing::info!(head, "caught up and idle; stopping");
+                if quiet && durable && consumed && backfills.running_tables().is_empty() {
+                    tracing::info!("caught up and idle; stopping");
                     shutdown.request();
                 }
             }
@@ -232,4 +286,58 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Builds one sink over the log it reads (the pipeline's, or its own Kafka buffer).
+async fn build_sink(
+    cfg: &SinkConfig,
+    pipeline: &str,
+    log: EmbeddedLog,
+    cursor: u64,
+    state: Option<Vec<u8>>,
+    shutdown: &Shutdown,
+) -> Result<Box<dyn Sink>> {
+    let built: Result<Box<dyn Sink>> = match cfg.clone() {
+        SinkConfig::Parquet(p) => ParquetSink::build(p, log, cursor, state).await.map(|s| Box::new(s) as _),
+        SinkConfig::Postgres(p) => pgsink::build(p, pipeline, log, cursor).await.map(|s| Box::new(s) as _),
+        SinkConfig::Hubspot(h) => hubspot::build(h, log, cursor, shutdown.clone()).await.map(|s| Box::new(s) as _),
+        SinkConfig::Salesforce(c) => {
+            salesforce::build(c, log, cursor, shutdown.clone()).await.map(|s| Box::new(s) as _)
+        }
+    };
+    built.map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!("sink {}: {m}", cfg.name())),
+        other => other,
+    })
+}
+
+/// The Debezium layout of the pipeline's source.
+fn envelope_writer(pipeline: &Pipeline, k: &KafkaTransportConfig) -> EnvelopeWriter {
+    let (flavor, db) = match &pipeline.source {
+        SourceConfig::Postgres(pg) => (Flavor::Postgres, pg.conn.dbname.clone()),
+        SourceConfig::Mongodb(m) => (Flavor::Mongo, m.database.clone()),
+    };
+    EnvelopeWriter { flavor, name: k.topic_prefix.clone(), db, schemas: k.schemas }
+}
+
+/// The topics sinks read: one per captured table, created now so consumers can subscribe;
+/// a pattern when a MongoDB source captures whatever collections exist.
+async fn sink_topics(pipeline: &Pipeline, k: &KafkaTransportConfig) -> Result<Vec<String>> {
+    let tables = match &pipeline.source {
+        SourceConfig::Postgres(pg) => pg.tables.clone(),
+        SourceConfig::Mongodb(m) => match &m.collections {
+            Some(names) => names.iter().map(|c| crate::event::TableId::new(&m.database, c)).collect(),
+            None => {
+                let stem = Topics::name_of(&k.topic_prefix, &crate::event::TableId::new(&m.database, "x"));
+                let stem = stem.strip_suffix('x').unwrap_or(&stem).replace('.', "\\.");
+                return Ok(vec![format!("^{stem}.*")]);
+            }
+        },
+    };
+    let mut topics = Topics::new(k)?;
+    let mut names = Vec::new();
+    for t in &tables {
+        names.push(topics.ensure(t).await?.0.to_string());
+    }
+    Ok(names)
 }

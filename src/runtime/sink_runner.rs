@@ -25,6 +25,8 @@ pub struct SinkRunner {
     pub shutdown: Shutdown,
     /// Set when the pipeline should make everything durable now (`--until-idle`).
     pub drain: Arc<AtomicBool>,
+    /// Set by a Kafka feed giving partitions away: make everything read durable now.
+    pub flush_now: Arc<AtomicBool>,
     pub status: Arc<Mutex<SinkStatus>>,
 }
 
@@ -65,7 +67,8 @@ impl SinkRunner {
                     _ = self.shutdown.requested() => break,
                 }
             }
-            let flush = self.drain.load(Ordering::Acquire) && next > self.log.head();
+            let flush = (self.drain.load(Ordering::Acquire) || self.flush_now.load(Ordering::Acquire))
+                && next > self.log.head();
             let Some(progress) = self.tick(flush).await? else { break };
             last_tick = Instant::now();
             self.commit(progress, &mut committed, &mut last_state).await?;

@@ -1,0 +1,335 @@
+//! Drains the source's local log into Kafka. Its durable cursor is the in-order delivery
+//! watermark: an offset counts only when it and every offset before it have a successful
+//! delivery report.
+
+use super::envelope::EnvelopeWriter;
+use super::topics::Topics;
+use super::{classify, client_config, EVENT_HEADER, SCHEMA_HEADER};
+use crate::config::KafkaTransportConfig;
+use crate::error::{Error, Result};
+use crate::event::{Op, TableSchema};
+use crate::log::{EmbeddedLog, LogRecord};
+use crate::runtime::sink::{Progress, Sink};
+use futures::FutureExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// The name under which the publisher's cursor is stored in the local log.
+pub const PUBLISHER: &str = "kafka";
+
+/// Turns "log offsets up to N are in Kafka" into "source positions up to P may be
+/// acknowledged": the source records, at each commit, the head it reached and the position
+/// it may acknowledge once that head is delivered.
+#[derive(Clone)]
+pub struct AckGate {
+    inner: Arc<Mutex<GateState>>,
+    acked: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// (log head, source position acknowledgeable once the head is delivered), rising.
+    pending: VecDeque<(u64, u64)>,
+    delivered: u64,
+}
+
+impl Default for AckGate {
+    fn default() -> Self {
+        Self { inner: Arc::default(), acked: watch::channel(0).0 }
+    }
+}
+
+impl AckGate {
+    /// The source committed up to `head` in the local log and may acknowledge `position`
+    /// once everything up to `head` is delivered.
+    pub fn committed(&self, head: u64, position: u64) {
+        let mut s = self.inner.lock().expect("ack gate lock");
+        s.pending.push_back((head, position));
+        self.release(&mut s);
+    }
+
+    /// Everything up to `offset` is in Kafka.
+    pub fn delivered(&self, offset: u64) {
+        let mut s = self.inner.lock().expect("ack gate lock");
+        s.delivered = s.delivered.max(offset);
+        self.release(&mut s);
+    }
+
+    /// The acknowledgeable source position, as it rises.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
+    fn release(&self, s: &mut GateState) {
+        let mut released = None;
+        while let Some(&(head, position)) = s.pending.front() {
+            if head > s.delivered {
+                break;
+            }
+            released = Some(position);
+            s.pending.pop_front();
+        }
+        if let Some(p) = released {
+            self.acked.send_if_modified(|acked| {
+                let moved = p > *acked;
+                *acked = (*acked).max(p);
+                moved
+            });
+        }
+    }
+}
+
+/// One log record on its way: its delivery reports (a truncate goes to every partition, a
+/// delete is followed by a tombstone).
+struct InFlight {
+    record: LogRecord,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+/// The publisher, run as a sink of the local log.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    /// To create the producer again after a fatal error (an idempotent producer whose
+    /// sequence the broker lost, say, after a restart).
+    config: rdkafka::ClientConfig,
+    topics: Topics,
+    envelope: EnvelopeWriter,
+    log: EmbeddedLog,
+    /// Each schema with its encoded header, looked up once.
+    schemas: HashMap<u32, (Arc<TableSchema>, Vec<u8>)>,
+    /// Records accepted but not produced yet: new ones, or ones whose delivery failed.
+    unsent: VecDeque<LogRecord>,
+    in_flight: VecDeque<InFlight>,
+    delivered: u64,
+    gate: AckGate,
+    produced: u64,
+}
+
+impl KafkaPublisher {
+    pub async fn build(
+        cfg: &KafkaTransportConfig,
+        envelope: EnvelopeWriter,
+        log: EmbeddedLog,
+        cursor: u64,
+        gate: AckGate,
+    ) -> Result<Self> {
+        let mut c = client_config(cfg);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", cfg.compression.as_str())
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set("message.max.bytes", cfg.max_message_bytes.to_string())
+            // The Java client's partitioner, so a key lands where Debezium would put it.
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", "30000")
+            .set("queue.buffering.max.messages", "200000");
+        let producer: FutureProducer = c.create().map_err(|e| Error::config(format!("kafka producer: {e}")))?;
+        gate.delivered(cursor);
+        Ok(Self {
+            producer,
+            config: c,
+            topics: Topics::new(cfg)?,
+            envelope,
+            log,
+            schemas: HashMap::new(),
+            unsent: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            delivered: cursor,
+            gate,
+            produced: 0,
+        })
+    }
+
+    async fn schema(&mut self, id: u32) -> Result<(Arc<TableSchema>, Vec<u8>)> {
+        if let Some(s) = self.schemas.get(&id) {
+            return Ok(s.clone());
+        }
+        let schema =
+            self.log.schema(id).await?.ok_or_else(|| Error::Storage(format!("schema {id} is not registered")))?;
+        let encoded = postcard::to_allocvec(&schema)?;
+        let entry = (Arc::new(schema), encoded);
+        self.schemas.insert(id, entry.clone());
+        Ok(entry)
+    }
+
+    /// Produces every unsent record, in order.
+    async fn send_unsent(&mut self) -> Result<()> {
+        while let Some(record) = self.unsent.pop_front() {
+            let later = self.unsent.len();
+            match self.produce(&record).await {
+                Ok(deliveries) => self.in_flight.push_back(InFlight { record, deliveries }),
+                Err(e) => {
+                    if e.is_retryable() {
+                        self.requeue_in_flight().await?;
+                    }
+                    // Records requeued while producing this one are older: it goes after them.
+                    let older = self.unsent.len() - later;
+                    self.unsent.insert(older, record);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(&mut self, record: &LogRecord) -> Result<Vec<DeliveryFuture>> {
+        let event = &record.event;
+        let (schema, schema_bytes) = self.schema(event.schema_id).await?;
+        let (topic, partitions) = self.topics.ensure(&event.table).await?;
+        let key = self.envelope.key(&schema, event);
+        let value = self.envelope.value(&schema, event, chrono::Utc::now().timestamp_millis());
+        let encoded = postcard::to_allocvec(event.as_ref())?;
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: EVENT_HEADER, value: Some(encoded.as_slice()) })
+            .insert(Header { key: SCHEMA_HEADER, value: Some(schema_bytes.as_slice()) });
+        // A truncate has no key, and every key's partition must see it in order.
+        let targets: Vec<Option<i32>> =
+            if event.op == Op::Truncate { (0..partitions).map(Some).collect() } else { vec![None] };
+        let mut deliveries = Vec::with_capacity(targets.len() + 1);
+        for partition in targets {
+            deliveries
+                .push(self.send(&topic, key.as_deref(), Some(&value), Some(headers.clone()), partition, record).await?);
+        }
+        if event.op == Op::Delete {
+            // Debezium's tombstone, so log compaction can drop the key.
+            deliveries.push(self.send(&topic, key.as_deref(), None, None, None, record).await?);
+        }
+        self.produced += 1;
+        Ok(deliveries)
+    }
+
+    async fn send(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        partition: Option<i32>,
+        record: &LogRecord,
+    ) -> Result<DeliveryFuture> {
+        loop {
+            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = key {
+                r = r.key(k);
+            }
+            if let Some(v) = value {
+                r = r.payload(v);
+            }
+            if let Some(h) = headers.clone() {
+                r = r.headers(h);
+            }
+            if let Some(p) = partition {
+                r = r.partition(p);
+            }
+            match self.producer.send_result(r) {
+                Ok(delivery) => return Ok(delivery),
+                // The local queue is full: wait for the oldest delivery, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if !self.settle_front(true).await? {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
+                Err((e, _)) => return Err(self.refused(e, record)),
+            }
+        }
+    }
+
+    /// After a failed delivery: waits for every report still out, then queues all in-flight
+    /// records to be sent again, in order (those delivered meanwhile become replays, which
+    /// consumers absorb). A producer in a fatal state is replaced first.
+    async fn requeue_in_flight(&mut self) -> Result<()> {
+        for f in self.in_flight.iter_mut() {
+            for d in f.deliveries.drain(..) {
+                let _ = d.await;
+            }
+        }
+        let again: Vec<LogRecord> = self.in_flight.drain(..).map(|f| f.record).collect();
+        for r in again.into_iter().rev() {
+            self.unsent.push_front(r);
+        }
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::warn!(error = %code, reason, "kafka producer failed fatally; starting a new one");
+            self.producer = self.config.create().map_err(|e| Error::config(format!("kafka producer: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// An error for a record Kafka will not take, naming its table and key.
+    fn refused(&self, e: KafkaError, record: &LogRecord) -> Error {
+        let size = matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+        );
+        let event = &record.event;
+        let key = format!("{:?}", event.key);
+        match classify("kafka produce", e) {
+            Error::Permanent { message, .. } if size => Error::permanent(
+                "kafka produce",
+                format!(
+                    "the change to {} with key {key} is larger than transport.producer.max_message_bytes \
+                     or the topic's max.message.bytes ({message}); raise both, or leave the column out",
+                    event.table
+                ),
+            ),
+            other => other,
+        }
+    }
+
+    /// Takes the oldest in-flight record's delivery reports if they are in (waiting for them
+    /// when `wait`); returns whether one was taken. A failed delivery sends that record and
+    /// every later one again, after all of them have settled, so nothing is in flight twice.
+    async fn settle_front(&mut self, wait: bool) -> Result<bool> {
+        let Some(front) = self.in_flight.front_mut() else { return Ok(false) };
+        let mut failure: Option<KafkaError> = None;
+        while let Some(delivery) = front.deliveries.first_mut() {
+            let outcome = if wait { Some(delivery.await) } else { delivery.now_or_never() };
+            let Some(outcome) = outcome else { return Ok(false) };
+            front.deliveries.remove(0);
+            match outcome {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => failure = Some(e),
+                Err(_) => failure = Some(KafkaError::Canceled),
+            }
+        }
+        if let Some(e) = failure {
+            let e = self.refused(e, &self.in_flight[0].record);
+            if !e.is_retryable() {
+                return Err(e);
+            }
+            self.requeue_in_flight().await?;
+            return Err(e);
+        }
+        let done = self.in_flight.pop_front().expect("front exists");
+        self.delivered = done.record.offset;
+        Ok(true)
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaPublisher {
+    async fn write(&mut self, records: Vec<LogRecord>) -> Result<()> {
+        self.unsent.extend(records);
+        self.send_unsent().await?;
+        // Take what is in without waiting, so the queue of reports stays short.
+        while self.settle_front(false).await? {}
+        Ok(())
+    }
+
+    async fn tick(&mut self, flush: bool) -> Result<Progress> {
+        self.send_unsent().await?;
+        if flush {
+            self.producer.flush(std::time::Duration::from_secs(0)).ok();
+        }
+        while self.settle_front(flush).await? {}
+        self.gate.delivered(self.delivered);
+        Ok(Progress { cursor: self.delivered, state: Vec::new() })
+    }
+
+    fn written(&self) -> (u64, u64) {
+        (0, self.produced)
+    }
+}
