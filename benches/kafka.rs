@@ -1,0 +1,203 @@
+//! PostgreSQL to Kafka benchmark against the Kafka-protocol broker the services script starts,
+//! next to a `kcat` produce of the same number of same-sized messages in the same run.
+//!
+//! Prints changes/s from the slot into Kafka (the time until every change is readable), CPU
+//! seconds per million changes and peak RSS of sluice, the kcat rate, and the latency from
+//! source commit to readable in Kafka at a fixed rate.
+//!
+//!   cargo bench --bench kafka               (after scripts/services.sh)
+//!   SLUICE_BENCH_CHANGES=50000 SLUICE_BENCH_RATE=5000 cargo bench --bench kafka
+//!
+//! No thresholds: the figures are printed, not asserted.
+
+#[allow(dead_code)]
+#[path = "support/measure.rs"]
+mod measure;
+#[allow(dead_code)]
+#[path = "support/postgres.rs"]
+mod postgres;
+
+use measure::usage;
+use nix::sys::resource::UsageWho;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DB: &str = "sluice_bench_kafka";
+const BROKER: &str = "127.0.0.1:9092";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn pipeline(dir: &Path, name: &str) -> std::path::PathBuf {
+    let yaml = format!(
+        "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  \
+         tables: [public.events]\n  snapshot: never\n  heartbeat: 1s\ntransport:\n  type: kafka\n  brokers: {BROKER}\n  \
+         topic_prefix: {name}\n  partitions: 4\n  path: {data}\n  producer: {{ compression: zstd, linger_ms: 5 }}\n\
+         sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n",
+        data = dir.join("data").display(),
+        lake = dir.join("lake").display(),
+    );
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// Messages readable in `topic` now: the sum of its partitions' high watermarks.
+fn readable(consumer: &BaseConsumer, topic: &str) -> i64 {
+    let Ok(meta) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else { return 0 };
+    let Some(t) = meta.topics().iter().find(|t| t.name() == topic) else { return 0 };
+    t.partitions()
+        .iter()
+        .filter_map(|p| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5)).ok())
+        .map(|(_, high)| high)
+        .sum()
+}
+
+async fn insert(db: &tokio_postgres::Client, from: usize, n: usize) {
+    db.batch_execute(&format!(
+        "INSERT INTO events SELECT g, g % 1000, (g % 100000) / 100.0, 'note ' || g, now() \
+         FROM generate_series({from}, {}) g",
+        from + n - 1
+    ))
+    .await
+    .unwrap();
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let changes = env_usize("SLUICE_BENCH_CHANGES", 200_000);
+    let rate = env_usize("SLUICE_BENCH_RATE", 5_000);
+    let admin = postgres::connect("cdc").await;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {DB}")).await.unwrap();
+    let db = postgres::connect(DB).await;
+    db.batch_execute(
+        "CREATE TABLE events (id bigint PRIMARY KEY, account int, amount numeric(12,2), note text, at timestamptz)",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("bench_kafka_{}", std::process::id());
+    let file = pipeline(dir.path(), &name);
+    let topic = format!("{name}.public.events");
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).set("group.id", &name).create().unwrap();
+
+    // The slot and the topic exist before the changes are made.
+    measure::run_sluice(&file);
+    insert(&db, 1, changes).await;
+    println!("PostgreSQL -> Kafka, {changes} inserts (one transaction), 4 partitions, zstd, linger 5 ms");
+    let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while readable(&consumer, &topic) < changes as i64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+    let (cpu1, rss) = usage(UsageWho::RUSAGE_CHILDREN);
+    let sluice_rate = changes as f64 / took;
+    println!(
+        "  sluice: {sluice_rate:.0} changes/s ({took:.2} s from start to every change readable), \
+         CPU {:.2} s per million (whole process, incl. its own consumer and Parquet sink), peak RSS {rss:.0} MiB",
+        (cpu1 - cpu0) / changes as f64 * 1e6
+    );
+
+    // kcat: the same number of messages of the same key and value sizes, same producer settings.
+    let sample = Command::new("kcat")
+        .args(["-b", BROKER, "-C", "-t", &topic, "-c", "1", "-e", "-q", "-f", "%k\t%s\n"])
+        .output()
+        .unwrap();
+    let sample = String::from_utf8(sample.stdout).unwrap();
+    let (key, value) = sample.trim_end().split_once('\t').unwrap();
+    let input = dir.path().join("kcat.txt");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    for i in 0..changes {
+        // Distinct keys of the sample's length, so partitioning spreads them as sluice's do.
+        let k = format!("{{\"id\":{:0width$}}}", i, width = key.len().saturating_sub(7).max(1));
+        writeln!(f, "{k}\t{value}").unwrap();
+    }
+    drop(f);
+    let kcat_topic = format!("{name}.kcat");
+    Command::new("kcat").args(["-b", BROKER, "-L", "-t", &kcat_topic]).output().unwrap();
+    let started = Instant::now();
+    let out = Command::new("kcat")
+        .args(["-b", BROKER, "-P", "-t", &kcat_topic, "-K", "\t", "-l", input.to_str().unwrap()])
+        .args(["-X", "enable.idempotence=true", "-X", "compression.type=zstd", "-X", "linger.ms=5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kcat_took = started.elapsed().as_secs_f64();
+    let kcat_rate = changes as f64 / kcat_took;
+    println!("  kcat -P: {kcat_rate:.0} messages/s ({kcat_took:.2} s, key {} B, value {} B)", key.len(), value.len());
+    println!("  sluice / kcat: {:.0}%", sluice_rate / kcat_rate * 100.0);
+
+    // Latency at a fixed rate: commit time (source.ts_ms) to readable by a consumer.
+    let seconds = env_usize("SLUICE_BENCH_SECONDS", 20);
+    println!("latency at {rate} changes/s for {seconds} s (batches of {} every 10 ms)", rate / 100);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", format!("{name}-latency"))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    reader.subscribe(&[topic.as_str()]).unwrap();
+    // Joined and positioned at the end before the timed writes start.
+    while reader.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        reader.poll(Duration::from_millis(100));
+    }
+    let per_batch = rate / 100;
+    let total = per_batch * 100 * seconds;
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut next = changes + 1;
+        for _ in 0..(100 * seconds) {
+            tick.tick().await;
+            insert(&db, next, per_batch).await;
+            next += per_batch;
+        }
+    });
+    let mut latencies = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 60);
+    while latencies.len() < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let Some(payload) = m.payload() else { continue };
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            latencies.push(now_ms - v["source"]["ts_ms"].as_i64().unwrap());
+        }
+    }
+    writer.await.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+    latencies.sort_unstable();
+    println!(
+        "  {} changes read back: p50 {} ms, p99 {} ms, max {} ms (commit to readable, incl. the reader's fetch wait)",
+        latencies.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+}
