@@ -106,6 +106,8 @@ pub struct KafkaFeed {
     pending: VecDeque<(u64, Partition, i64)>,
     handle: FeedHandle,
     shutdown: Shutdown,
+    /// Set once the last offsets are committed: only then may the member leave the group.
+    finished: Arc<AtomicBool>,
 }
 
 impl KafkaFeed {
@@ -138,10 +140,12 @@ impl KafkaFeed {
         let consumer = Arc::new(consumer);
         let poller = consumer.clone();
         let stop = shutdown.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let committed = finished.clone();
         let name = sink.to_string();
         std::thread::Builder::new()
             .name(format!("kafka-{sink}"))
-            .spawn(move || poll(poller, tx, stop, name))
+            .spawn(move || poll(poller, tx, stop, committed, name))
             .map_err(|e| Error::permanent("kafka consumer thread", e))?;
         let registry = SchemaRegistry::load(&buffer).await?;
         let handle = FeedHandle::default();
@@ -154,6 +158,7 @@ impl KafkaFeed {
             pending: VecDeque::new(),
             handle: handle.clone(),
             shutdown,
+            finished,
         };
         Ok((feed, handle))
     }
@@ -181,7 +186,9 @@ impl KafkaFeed {
         while self.buffer.cursor(&self.sink).await? < head && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.commit_durable(CommitMode::Sync).await
+        let committed = self.commit_durable(CommitMode::Sync).await;
+        self.finished.store(true, Ordering::Release);
+        committed
     }
 
     async fn handle(&mut self, first: Item) -> Result<()> {
@@ -308,7 +315,13 @@ impl KafkaFeed {
 
 /// The polling thread: rebalance callbacks run inside `poll`, and may block it while the sink
 /// finishes revoked partitions, so it must not be a runtime worker.
-fn poll(consumer: Arc<BaseConsumer<GroupContext>>, items: mpsc::Sender<Item>, shutdown: Shutdown, sink: String) {
+fn poll(
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    items: mpsc::Sender<Item>,
+    shutdown: Shutdown,
+    finished: Arc<AtomicBool>,
+    sink: String,
+) {
     while !shutdown.is_requested() {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
         let item = match message {
@@ -327,6 +340,11 @@ fn poll(consumer: Arc<BaseConsumer<GroupContext>>, items: mpsc::Sender<Item>, sh
         if items.blocking_send(item).is_err() {
             break;
         }
+    }
+    // Leaving the group before the feed's last commit would make that commit fail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !finished.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
     consumer.unsubscribe();
 }
