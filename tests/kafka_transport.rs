@@ -208,7 +208,6 @@ async fn await_parity(src: &TestDb, dst: &TestDb, limit: Duration) {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable: about one run in three ends with a stale row; run with --ignored (see the README's Kafka limitations)"]
 async fn two_processes_share_the_partitions_and_a_killed_one_loses_nothing() {
     let mut rng = StdRng::seed_from_u64(seed());
     let src = TestDb::new("kt_scale").await;
@@ -307,7 +306,6 @@ impl Drop for OwnBroker {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable: about one run in three ends with a stale row; run with --ignored (see the README's Kafka limitations)"]
 async fn a_broker_restart_mid_stream_loses_nothing() {
     let mut rng = StdRng::seed_from_u64(seed());
     let src = TestDb::new("kt_restart").await;
