@@ -77,6 +77,13 @@ async fn main() {
     let changes = env_usize("SLUICE_BENCH_CHANGES", 200_000);
     let rate = env_usize("SLUICE_BENCH_RATE", 5_000);
     let admin = postgres::connect("cdc").await;
+    // An earlier run's slot would keep the database from being dropped.
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{DB}' AND NOT active"
+        ))
+        .await
+        .unwrap();
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();
     admin.batch_execute(&format!("CREATE DATABASE {DB}")).await.unwrap();
     let db = postgres::connect(DB).await;
