@@ -68,6 +68,22 @@ async fn insert(db: &tokio_postgres::Client, from: usize, n: usize) {
     .unwrap();
 }
 
+/// `sluice run FILE` in the background, logging warnings only.
+fn start_sluice(file: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM, and wait for the clean stop.
+fn stop_sluice(mut child: std::process::Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -105,18 +121,12 @@ async fn main() {
     println!("PostgreSQL -> Kafka, {changes} inserts (one transaction), 4 partitions, zstd, linger 5 ms");
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = start_sluice(&file);
     while readable(&consumer, &topic) < changes as i64 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = started.elapsed().as_secs_f64();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().unwrap();
+    stop_sluice(child);
     let (cpu1, rss) = usage(UsageWho::RUSAGE_CHILDREN);
     let sluice_rate = changes as f64 / took;
     println!(
@@ -157,12 +167,7 @@ async fn main() {
     // Latency at a fixed rate: commit time (source.ts_ms) to readable by a consumer.
     let seconds = env_usize("SLUICE_BENCH_SECONDS", 20);
     println!("latency at {rate} changes/s for {seconds} s (batches of {} every 10 ms)", rate / 100);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = start_sluice(&file);
     let reader: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", BROKER)
         .set("group.id", format!("{name}-latency"))
@@ -197,8 +202,7 @@ async fn main() {
         }
     }
     writer.await.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().unwrap();
+    stop_sluice(child);
     latencies.sort_unstable();
     println!(
         "  {} changes read back: p50 {} ms, p99 {} ms, max {} ms (commit to readable, incl. the reader's fetch wait)",
