@@ -90,8 +90,15 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
                 m.json.name()
             );
         }
+        SourceConfig::Kafka(k) => println!("  source: kafka topics [{}] (Debezium envelope)", k.topics.join(", ")),
     }
     match &p.transport {
+        config::TransportConfig::Kafka(k) if matches!(p.source, SourceConfig::Kafka(_)) => println!(
+            "  read through consumer groups from {}, security {}, local state in {}",
+            k.brokers,
+            k.security.as_ref().map(|s| s.protocol.as_str()).unwrap_or("PLAINTEXT"),
+            k.path.display()
+        ),
         config::TransportConfig::Embedded { path } => println!("  transport: embedded log in {}", path.display()),
         config::TransportConfig::Kafka(k) => println!(
             "  transport: kafka {} topics {}.* ({} partitions, replication {}), {} compression, security {}, local state in {}",

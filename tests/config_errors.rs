@@ -514,7 +514,7 @@ fn mongodb_source_mistakes_are_named_with_their_fix() {
         ),
         (
             good.clone() + "backfills:\n  - { name: nightly, schedule: \"0 2 * * *\", tables: [public.t] }\n",
-            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is mongodb",
+            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is not postgres",
             "remove `backfills`",
         ),
     ];

@@ -7,6 +7,7 @@
 //! When the group takes partitions away from a live member, it first makes everything it
 //! buffered from them durable and commits, so two members never write one key at once.
 
+use super::debezium::{DebeziumDecoder, Origin};
 use super::{client_config, EVENT_HEADER, SCHEMA_HEADER};
 use crate::config::KafkaTransportConfig;
 use crate::error::{Error, Result};
@@ -149,6 +150,8 @@ impl KafkaFeed {
             .map_err(|e| Error::permanent("kafka consumer thread", e))?;
         let registry = SchemaRegistry::load(&buffer).await?;
         let handle = FeedHandle::default();
+        // Quiet time counts from the start, so the stall check does not fire before the first fetch.
+        handle.last_message_ms.store(crate::runtime::progress::now_ms() as i64, Ordering::Release);
         let feed = Self {
             consumer,
             items,
@@ -322,12 +325,13 @@ fn poll(
     finished: Arc<AtomicBool>,
     sink: String,
 ) {
+    let mut debezium = DebeziumDecoder::default();
     while !shutdown.is_requested() {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
         let item = match message {
             Ok(m) => {
                 let partition: Partition = (Arc::from(m.topic()), m.partition());
-                match decode(&m) {
+                match decode(&m, &mut debezium) {
                     Ok(event) => Item::Message { partition, offset: m.offset(), event },
                     Err(e) => Item::Failed(e),
                 }
@@ -376,10 +380,17 @@ fn behind(consumer: &BaseConsumer<GroupContext>) -> Option<Vec<Lag>> {
     Some(out)
 }
 
-/// The event a sluice publisher put in the headers; `None` for a tombstone or a record
-/// without them (nothing for the sink, but its offset still counts).
-fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Option<Box<(ChangeEvent, TableSchema)>>> {
-    let Some(headers) = m.headers() else { return Ok(None) };
+/// The event a sluice publisher put in the headers, or else the Debezium envelope's; `None`
+/// for a tombstone (nothing for the sink, but its offset still counts).
+fn decode(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    debezium: &mut DebeziumDecoder,
+) -> Result<Option<Box<(ChangeEvent, TableSchema)>>> {
+    let envelope = |debezium: &mut DebeziumDecoder| {
+        let origin = Origin { topic: m.topic(), partition: m.partition(), offset: m.offset() };
+        Ok(debezium.decode(&origin, m.key(), m.payload())?.map(Box::new))
+    };
+    let Some(headers) = m.headers() else { return envelope(debezium) };
     let (mut event, mut schema) = (None, None);
     for h in headers.iter() {
         match h.key {
@@ -388,7 +399,7 @@ fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Option<Box<(Chang
             _ => {}
         }
     }
-    let (Some(event), Some(schema)) = (event, schema) else { return Ok(None) };
+    let (Some(event), Some(schema)) = (event, schema) else { return envelope(debezium) };
     let bad = |e: postcard::Error| {
         Error::permanent(
             "kafka consume",

@@ -8,6 +8,7 @@
 //! input contract; consumer offsets are committed only once the sink reports what it holds
 //! durable.
 
+pub mod debezium;
 pub mod envelope;
 mod feed;
 mod publisher;

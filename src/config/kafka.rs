@@ -1,7 +1,8 @@
 //! Validation of `transport: { type: kafka }`.
 
+use super::mongo::not_for;
 use super::pipeline::*;
-use super::raw::{RawKafkaSecurity, RawTransport};
+use super::raw::{RawKafkaSecurity, RawSource, RawTransport, TransportKind};
 use super::secret::Secret;
 use super::validate::Ctx;
 use super::ConfigError;
@@ -53,17 +54,7 @@ pub(super) fn kafka_transport(
     let Some(brokers) = raw.brokers.as_ref() else {
         return Err(cx.err(&raw.kind, "transport: a kafka transport needs `brokers`", "add `brokers: 127.0.0.1:9092`"));
     };
-    let list = cx.resolve("transport.brokers", brokers)?;
-    for broker in list.split(',').map(str::trim) {
-        let port = broker.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-        if broker.is_empty() || !matches!(port, Some(Ok(_))) || broker.contains("://") {
-            return Err(cx.err(
-                brokers,
-                format!("transport.brokers: `{broker}` is not host:port"),
-                "list brokers as host:port, separated by commas: `kafka1:9092,kafka2:9092`",
-            ));
-        }
-    }
+    let list = broker_list(cx, "transport.brokers", brokers)?;
     let topic_prefix = match &raw.topic_prefix {
         None => pipeline.to_string(),
         Some(p) => {
@@ -119,7 +110,7 @@ pub(super) fn kafka_transport(
             }
         }
     }
-    let security = raw.security.map(|s| security(cx, s)).transpose()?;
+    let security = raw.security.map(|s| security(cx, "transport", s)).transpose()?;
     Ok(KafkaTransportConfig {
         path: raw.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path),
         brokers: list,
@@ -148,7 +139,7 @@ fn count(cx: &Ctx, key: &str, value: Option<&Spanned<i64>>, min: i64, max: i64) 
     }
 }
 
-fn security(cx: &Ctx, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigError> {
+fn security(cx: &Ctx, section: &str, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigError> {
     let protocol = raw.protocol.value.to_ascii_uppercase();
     let sasl = match protocol.as_str() {
         "PLAINTEXT" | "SSL" => false,
@@ -156,7 +147,7 @@ fn security(cx: &Ctx, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigErro
         _ => {
             return Err(cx.err(
                 &raw.protocol,
-                format!("transport.security.protocol: `{}` is not a Kafka security protocol", raw.protocol.value),
+                format!("{section}.security.protocol: `{}` is not a Kafka security protocol", raw.protocol.value),
                 "use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
             ))
         }
@@ -167,7 +158,7 @@ fn security(cx: &Ctx, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigErro
             if !matches!(name.as_str(), "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") {
                 return Err(cx.err(
                     m,
-                    format!("transport.security.mechanism: `{}` is not supported", m.value),
+                    format!("{section}.security.mechanism: `{}` is not supported", m.value),
                     "use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
                 ));
             }
@@ -176,25 +167,25 @@ fn security(cx: &Ctx, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigErro
         (None, true) => {
             return Err(cx.err(
                 &raw.protocol,
-                format!("transport.security: {protocol} needs a `mechanism`"),
+                format!("{section}.security: {protocol} needs a `mechanism`"),
                 "add `mechanism: SCRAM-SHA-512` (or PLAIN, SCRAM-SHA-256)",
             ))
         }
         (Some(m), false) => {
             return Err(cx.err(
                 m,
-                format!("transport.security.mechanism: applies to SASL protocols only, not {protocol}"),
+                format!("{section}.security.mechanism: applies to SASL protocols only, not {protocol}"),
                 "remove it, or use SASL_SSL",
             ))
         }
         (None, false) => None,
     };
-    let username = raw.username.as_ref().map(|u| cx.resolve("transport.security.username", u)).transpose()?;
-    let password = raw.password.as_ref().map(|p| cx.resolve("transport.security.password", p)).transpose()?;
+    let username = raw.username.as_ref().map(|u| cx.resolve(&format!("{section}.security.username"), u)).transpose()?;
+    let password = raw.password.as_ref().map(|p| cx.resolve(&format!("{section}.security.password"), p)).transpose()?;
     if sasl && (username.is_none() || password.is_none()) {
         return Err(cx.err(
             &raw.protocol,
-            "transport.security: SASL needs `username` and `password`",
+            format!("{section}.security: SASL needs `username` and `password`"),
             "add `username: NAME` and `password: \"${env:KAFKA_PASSWORD}\"`",
         ));
     }
@@ -205,4 +196,112 @@ fn security(cx: &Ctx, raw: RawKafkaSecurity) -> Result<KafkaSecurity, ConfigErro
         password: password.map(Secret::new),
         ca_file: raw.ca_file.map(|f| PathBuf::from(f.value)),
     })
+}
+
+/// `host:port[,host:port...]`, resolved and checked.
+fn broker_list(cx: &Ctx, field: &str, brokers: &Spanned<String>) -> Result<String, ConfigError> {
+    let list = cx.resolve(field, brokers)?;
+    for broker in list.split(',').map(str::trim) {
+        let port = broker.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if broker.is_empty() || !matches!(port, Some(Ok(_))) || broker.contains("://") {
+            return Err(cx.err(
+                brokers,
+                format!("{field}: `{broker}` is not host:port"),
+                "list brokers as host:port, separated by commas: `kafka1:9092,kafka2:9092`",
+            ));
+        }
+    }
+    Ok(list)
+}
+
+/// Validates a `type: kafka` source. Its sinks read the topics through consumer groups, as
+/// they read a kafka transport, so the source also yields the connection they use; a
+/// `transport` section may only say where the local buffers live.
+pub(super) fn kafka_source(
+    cx: &Ctx,
+    raw: RawSource,
+    transport: Option<RawTransport>,
+    default_path: PathBuf,
+) -> Result<(KafkaSourceConfig, KafkaTransportConfig), ConfigError> {
+    let fix = "remove it; the README's source reference lists the keys of each source type";
+    not_for(cx, "kafka", "url", raw.url.as_ref(), "name the brokers under `brokers: host:port`")?;
+    not_for(cx, "kafka", "tables", raw.tables.as_ref(), "list the topics under `topics:`")?;
+    not_for(cx, "kafka", "collections", raw.collections.as_ref(), "list the topics under `topics:`")?;
+    not_for(
+        cx,
+        "kafka",
+        "snapshot",
+        raw.snapshot.as_ref(),
+        "remove it; the topics hold what their writer snapshotted",
+    )?;
+    for (key, value) in [
+        ("password", &raw.password),
+        ("slot", &raw.slot),
+        ("publication", &raw.publication),
+        ("heartbeat", &raw.heartbeat),
+        ("database", &raw.database),
+        ("full_document", &raw.full_document),
+        ("on_history_lost", &raw.on_history_lost),
+        ("json", &raw.json),
+    ] {
+        not_for(cx, "kafka", key, value.as_ref(), fix)?;
+    }
+    let Some(brokers) = raw.brokers.as_ref() else {
+        return Err(cx.err(&raw.kind, "source: a kafka source needs `brokers`", "add `brokers: 127.0.0.1:9092`"));
+    };
+    let brokers = broker_list(cx, "source.brokers", brokers)?;
+    let Some(listed) = raw.topics.as_ref().filter(|t| !t.value.is_empty()) else {
+        return Err(cx.err(
+            &raw.kind,
+            "source: a kafka source needs `topics`",
+            "list the Debezium topics to read, e.g. `topics: [dbserver1.inventory.customers]`, or a pattern such \
+             as `^dbserver1\\.inventory\\..*`",
+        ));
+    };
+    let mut topics = Vec::new();
+    for t in &listed.value {
+        let name = t.value.trim();
+        let valid = match name.strip_prefix('^') {
+            Some(pattern) => !pattern.is_empty(),
+            None => !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+        };
+        if !valid {
+            return Err(cx.err(
+                t,
+                format!("source.topics: `{}` is neither a topic name nor a pattern", t.value),
+                "write a topic name (letters, digits, `.`, `_`, `-`) or a regular expression starting with `^`",
+            ));
+        }
+        topics.push(name.to_string());
+    }
+    let security = raw.security.map(|s| security(cx, "source", s)).transpose()?;
+    let path = match transport {
+        None => default_path,
+        Some(t) if t.kind.value == TransportKind::Kafka => {
+            return Err(cx.err(
+                &t.kind,
+                "transport: a kafka source reads from Kafka already; it cannot also publish to a kafka transport",
+                "remove `transport`, or keep `type: embedded` with a `path` for the sinks' local buffers",
+            ))
+        }
+        Some(t) => {
+            reject_kafka_keys(cx, &t)?;
+            t.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path)
+        }
+    };
+    let conn = KafkaTransportConfig {
+        path,
+        brokers,
+        // Unused: a kafka source creates no topics and publishes nothing.
+        topic_prefix: String::new(),
+        partitions: 1,
+        replication_factor: 1,
+        schemas: false,
+        heartbeat: Duration::from_secs(10),
+        compression: KafkaCompression::None,
+        linger_ms: 0,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        security,
+    };
+    Ok((KafkaSourceConfig { topics }, conn))
 }

@@ -98,9 +98,10 @@ pub(super) fn mapping(cx: &Ctx, name: &str, raw: &RawSink, sources: &[TableId]) 
             return Err(cx.err(
                 &raw.name,
                 format!(
-                    "sink {name}: the source captures every collection of its database; say which one this sink maps"
+                    "sink {name}: the source does not list its tables (every collection, or whatever its topics \
+                     hold); say which one this sink maps"
                 ),
-                "add `from: database.collection`",
+                "add `from: schema.table` (for MongoDB, `from: database.collection`)",
             ))
         }
         None => {

@@ -12,7 +12,13 @@ use serde_saphyr::Spanned;
 const DEFAULT_SNAPSHOT_CHUNK_DOCS: u64 = 10_000;
 
 /// Rejects a key that the source's type does not have.
-fn not_for<T>(cx: &Ctx, kind: &str, key: &str, value: Option<&Spanned<T>>, fix: &str) -> Result<(), ConfigError> {
+pub(super) fn not_for<T>(
+    cx: &Ctx,
+    kind: &str,
+    key: &str,
+    value: Option<&Spanned<T>>,
+    fix: &str,
+) -> Result<(), ConfigError> {
     match value {
         Some(v) => Err(cx.err(v, format!("source.{key}: does not apply to {kind} sources"), fix)),
         None => Ok(()),
@@ -26,7 +32,23 @@ pub(super) fn reject_mongo_keys(cx: &Ctx, raw: &RawSource) -> Result<(), ConfigE
     not_for(cx, "postgres", "collections", raw.collections.as_ref(), "list tables under `tables:`")?;
     not_for(cx, "postgres", "full_document", raw.full_document.as_ref(), fix)?;
     not_for(cx, "postgres", "on_history_lost", raw.on_history_lost.as_ref(), fix)?;
-    not_for(cx, "postgres", "json", raw.json.as_ref(), fix)
+    not_for(cx, "postgres", "json", raw.json.as_ref(), fix)?;
+    reject_kafka_source_keys(cx, "postgres", raw)
+}
+
+/// The Kafka-only keys must not appear in a PostgreSQL or MongoDB source.
+fn reject_kafka_source_keys(cx: &Ctx, kind: &str, raw: &RawSource) -> Result<(), ConfigError> {
+    let fix = "remove it; a kafka source reads topics, and a kafka transport names its brokers under `transport:`";
+    not_for(cx, kind, "brokers", raw.brokers.as_ref(), fix)?;
+    not_for(cx, kind, "topics", raw.topics.as_ref(), fix)?;
+    not_for(cx, kind, "security", raw.security.as_ref().map(|s| &s.protocol), fix)
+}
+
+/// The connection string a PostgreSQL or MongoDB source needs.
+pub(super) fn required_url<'a>(cx: &Ctx, kind: &str, raw: &'a RawSource) -> Result<&'a Spanned<String>, ConfigError> {
+    raw.url.as_ref().ok_or_else(|| {
+        cx.err(&raw.kind, format!("source: a {kind} source needs `url`"), "add the connection string as `url:`")
+    })
 }
 
 /// Validates a MongoDB source.
@@ -43,10 +65,12 @@ pub(super) fn mongo_source(cx: &Ctx, raw: RawSource) -> Result<MongoSourceConfig
         raw.password.as_ref(),
         "put it in the URL as ${env:NAME}: mongodb://user:${env:MONGO_PASSWORD}@host/",
     )?;
-    let url = cx.resolve("source.url", &raw.url)?;
+    reject_kafka_source_keys(cx, "mongodb", &raw)?;
+    let raw_url = required_url(cx, "mongodb", &raw)?;
+    let url = cx.resolve("source.url", raw_url)?;
     let display = mongo_hosts(&url).map_err(|m| {
         cx.err(
-            &raw.url,
+            raw_url,
             format!("source.url: {m}"),
             "write it as mongodb://user:${env:MONGO_PASSWORD}@host:27017/?replicaSet=rs0",
         )

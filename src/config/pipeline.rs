@@ -47,6 +47,15 @@ pub const DEFAULT_BACKFILL_CHUNK_ROWS: u64 = 100_000;
 pub enum SourceConfig {
     Postgres(PostgresSourceConfig),
     Mongodb(MongoSourceConfig),
+    /// Topics in the Debezium envelope; the pipeline's transport holds their connection.
+    Kafka(KafkaSourceConfig),
+}
+
+/// Debezium topics (written by Debezium or by sluice) that the sinks read directly.
+#[derive(Debug, Clone)]
+pub struct KafkaSourceConfig {
+    /// Topic names, or regular expressions starting with `^`.
+    pub topics: Vec<String>,
 }
 
 impl SourceConfig {
@@ -54,7 +63,7 @@ impl SourceConfig {
     pub fn postgres(&self) -> Option<&PostgresSourceConfig> {
         match self {
             SourceConfig::Postgres(pg) => Some(pg),
-            SourceConfig::Mongodb(_) => None,
+            SourceConfig::Mongodb(_) | SourceConfig::Kafka(_) => None,
         }
     }
 }

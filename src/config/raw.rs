@@ -50,6 +50,7 @@ pub struct RawBackfill {
 pub enum SourceKind {
     Postgres,
     Mongodb,
+    Kafka,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +58,9 @@ pub enum SourceKind {
 pub struct RawSource {
     #[serde(rename = "type")]
     pub kind: Spanned<SourceKind>,
-    pub url: Spanned<String>,
+    /// PostgreSQL and MongoDB: required (checked in validation, which names the type).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
     #[serde(default)]
     pub password: Option<Spanned<String>>,
     /// PostgreSQL only.
@@ -84,6 +87,13 @@ pub struct RawSource {
     pub on_history_lost: Option<Spanned<String>>,
     #[serde(default)]
     pub json: Option<Spanned<String>>,
+    /// Kafka only, as are the keys below.
+    #[serde(default)]
+    pub brokers: Option<Spanned<String>>,
+    #[serde(default)]
+    pub topics: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub security: Option<RawKafkaSecurity>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -99,28 +99,41 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
             "use letters, digits, `-` and `_` only (it names the replication slot and the data directory)",
         ));
     }
-    let source = match raw.source.kind.value {
-        SourceKind::Postgres => {
-            super::mongo::reject_mongo_keys(&cx, &raw.source)?;
-            SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?)
+    let default_path = PathBuf::from("data").join(&name);
+    let (source, transport) = match raw.source.kind.value {
+        SourceKind::Kafka => {
+            let (source, conn) = super::kafka::kafka_source(&cx, raw.source, raw.transport, default_path)?;
+            (SourceConfig::Kafka(source), TransportConfig::Kafka(conn))
         }
-        SourceKind::Mongodb => SourceConfig::Mongodb(super::mongo::mongo_source(&cx, raw.source)?),
+        kind => {
+            let source = if kind == SourceKind::Postgres {
+                super::mongo::reject_mongo_keys(&cx, &raw.source)?;
+                SourceConfig::Postgres(postgres_source(&cx, &name, raw.source)?)
+            } else {
+                SourceConfig::Mongodb(super::mongo::mongo_source(&cx, raw.source)?)
+            };
+            let transport = match raw.transport {
+                None => TransportConfig::Embedded { path: default_path },
+                Some(t) => match t.kind.value {
+                    TransportKind::Embedded => {
+                        super::kafka::reject_kafka_keys(&cx, &t)?;
+                        TransportConfig::Embedded {
+                            path: t.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path),
+                        }
+                    }
+                    TransportKind::Kafka => {
+                        TransportConfig::Kafka(super::kafka::kafka_transport(&cx, &name, t, default_path)?)
+                    }
+                },
+            };
+            (source, transport)
+        }
     };
-    // Empty for a MongoDB source that captures every collection: sinks then name theirs.
+    // Empty for a source that captures whatever its database or topics hold: sinks then name theirs.
     let source_tables = match &source {
         SourceConfig::Postgres(pg) => pg.tables.clone(),
         SourceConfig::Mongodb(m) => super::mongo::mongo_tables(m),
-    };
-    let default_path = PathBuf::from("data").join(&name);
-    let transport = match raw.transport {
-        None => TransportConfig::Embedded { path: default_path },
-        Some(t) => match t.kind.value {
-            TransportKind::Embedded => {
-                super::kafka::reject_kafka_keys(&cx, &t)?;
-                TransportConfig::Embedded { path: t.path.map(|p| PathBuf::from(p.value)).unwrap_or(default_path) }
-            }
-            TransportKind::Kafka => TransportConfig::Kafka(super::kafka::kafka_transport(&cx, &name, t, default_path)?),
-        },
+        SourceConfig::Kafka(_) => Vec::new(),
     };
     if raw.sinks.value.is_empty() {
         return Err(cx.err(
@@ -159,10 +172,10 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
             )
         })?),
     };
-    if let (SourceConfig::Mongodb(_), Some(first)) = (&source, raw.backfills.first()) {
+    if let (SourceConfig::Mongodb(_) | SourceConfig::Kafka(_), Some(first)) = (&source, raw.backfills.first()) {
         return Err(cx.err(
             &first.name,
-            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is mongodb",
+            "backfills: scheduled backfills read PostgreSQL tables; this pipeline's source is not postgres",
             "remove `backfills`; a MongoDB collection is read again by its snapshot (see on_history_lost)",
         ));
     }
@@ -171,9 +184,10 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
 }
 
 fn postgres_source(cx: &Ctx, pipeline: &str, raw: RawSource) -> Result<PostgresSourceConfig, ConfigError> {
-    let url_text = cx.resolve("source.url", &raw.url)?;
+    let raw_url = super::mongo::required_url(cx, "postgres", &raw)?;
+    let url_text = cx.resolve("source.url", raw_url)?;
     let mut conn = parse_pg_url(&url_text).map_err(|m| {
-        cx.err(&raw.url, format!("source.url: {m}"), "write it as postgres://user@host:5432/database?sslmode=require")
+        cx.err(raw_url, format!("source.url: {m}"), "write it as postgres://user@host:5432/database?sslmode=require")
     })?;
     if let Some(pw) = &raw.password {
         conn.password = Some(Secret::new(cx.resolve("source.password", pw)?));

@@ -107,6 +107,14 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             let prepared = source.prepare().await?;
             Box::pin(source.run(prepared))
         }
+        // The topics are the source: the sinks' consumer groups read them directly.
+        SourceConfig::Kafka(_) => {
+            let shutdown = shutdown.clone();
+            Box::pin(async move {
+                shutdown.requested().await;
+                Ok(())
+            })
+        }
     };
 
     let sink_names: Vec<String> = pipeline.sinks.iter().map(|s| s.name().to_string()).collect();
@@ -169,17 +177,22 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
                     tracing::info!(events = given_up, "undelivered changes will be captured again from the slot");
                 }
             }
-            let cursor = log.cursor(kafka::PUBLISHER).await?;
-            let envelope = envelope_writer(&pipeline, k);
-            let publisher = KafkaPublisher::build(k, envelope, log.clone(), cursor, ack_gate.clone()).await?;
-            runners.push(make_runner(
-                kafka::PUBLISHER.to_string(),
-                Box::new(publisher),
-                cursor,
-                log.clone(),
-                Arc::default(),
-            ));
-            let topics = sink_topics(&pipeline, k).await?;
+            let topics = match &pipeline.source {
+                SourceConfig::Kafka(source) => source.topics.clone(),
+                _ => {
+                    let cursor = log.cursor(kafka::PUBLISHER).await?;
+                    let envelope = envelope_writer(&pipeline, k);
+                    let publisher = KafkaPublisher::build(k, envelope, log.clone(), cursor, ack_gate.clone()).await?;
+                    runners.push(make_runner(
+                        kafka::PUBLISHER.to_string(),
+                        Box::new(publisher),
+                        cursor,
+                        log.clone(),
+                        Arc::default(),
+                    ));
+                    sink_topics(&pipeline, k).await?
+                }
+            };
             for cfg in &pipeline.sinks {
                 let name = cfg.name().to_string();
                 let buffer = EmbeddedLog::open(&pipeline.transport.sink_dir(&name))?;
@@ -316,6 +329,7 @@ fn envelope_writer(pipeline: &Pipeline, k: &KafkaTransportConfig) -> EnvelopeWri
     let (flavor, db) = match &pipeline.source {
         SourceConfig::Postgres(pg) => (Flavor::Postgres, pg.conn.dbname.clone()),
         SourceConfig::Mongodb(m) => (Flavor::Mongo, m.database.clone()),
+        SourceConfig::Kafka(_) => unreachable!("a kafka source publishes nothing"),
     };
     EnvelopeWriter { flavor, name: k.topic_prefix.clone(), db, schemas: k.schemas }
 }
@@ -333,6 +347,7 @@ async fn sink_topics(pipeline: &Pipeline, k: &KafkaTransportConfig) -> Result<Ve
                 return Ok(vec![format!("^{stem}.*")]);
             }
         },
+        SourceConfig::Kafka(source) => return Ok(source.topics.clone()),
     };
     let mut topics = Topics::new(k)?;
     let mut names = Vec::new();
