@@ -347,3 +347,123 @@ async fn an_unreachable_broker_is_a_clear_setup_error() {
     assert!(stderr.contains(&format!("cannot reach the Kafka brokers 127.0.0.1:{port}")), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(60), "bounded wait, not a crash loop");
 }
+
+/// A Debezium PostgreSQL-connector record for `inventory.customers` as Kafka Connect's
+/// JsonConverter writes it with schemas: (key, value); `None` rows are JSON null.
+fn debezium_customer(
+    op: &str,
+    before: Option<(i32, &str, &str)>,
+    after: Option<(i32, &str, &str)>,
+    lsn: u64,
+) -> (String, String) {
+    let fields = r#"[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":true,"field":"name"},{"type":"string","optional":true,"field":"email"}]"#;
+    let row = |r: Option<(i32, &str, &str)>| match r {
+        Some((id, name, email)) => serde_json::json!({"id": id, "name": name, "email": email}),
+        None => serde_json::Value::Null,
+    };
+    let id = after.or(before).map(|r| r.0).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(&format!(
+        r#"{{"type":"struct","optional":false,"name":"dbserver1.inventory.customers.Envelope","fields":[
+            {{"type":"struct","optional":true,"name":"dbserver1.inventory.customers.Value","field":"before","fields":{fields}}},
+            {{"type":"struct","optional":true,"name":"dbserver1.inventory.customers.Value","field":"after","fields":{fields}}},
+            {{"type":"struct","optional":false,"name":"io.debezium.connector.postgresql.Source","field":"source","fields":[]}},
+            {{"type":"string","optional":false,"field":"op"}},{{"type":"int64","optional":true,"field":"ts_ms"}}]}}"#
+    ))
+    .unwrap();
+    let snapshot = if op == "r" { "true" } else { "false" };
+    let value = serde_json::json!({"schema": schema, "payload": {
+        "before": row(before), "after": row(after), "op": op, "ts_ms": 1_700_000_000_000u64 + lsn,
+        "source": {"version": "2.5.4.Final", "connector": "postgresql", "name": "dbserver1", "ts_ms": 1_700_000_000_000u64 + lsn,
+            "snapshot": snapshot, "db": "inventory", "schema": "inventory", "table": "customers", "txId": lsn, "lsn": lsn}}});
+    let key = serde_json::json!({"schema": {"type": "struct", "optional": false, "name": "dbserver1.inventory.customers.Key",
+        "fields": [{"type": "int32", "optional": false, "field": "id"}]}, "payload": {"id": id}});
+    (key.to_string(), value.to_string())
+}
+
+/// Produces `records` in order (a `None` value is a tombstone), each delivered before the next.
+async fn produce(topic: &str, records: &[(String, Option<String>)]) {
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).create().unwrap();
+    for (key, value) in records {
+        let mut r = rdkafka::producer::FutureRecord::<str, str>::to(topic).key(key);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        producer.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
+    let dst = TestDb::new("kt_dbz_dst").await;
+    dst.client
+        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY, name text, email text, _sluice_version text)")
+        .await
+        .unwrap();
+    let topic = format!("dbserver1.inventory.customers_{}", std::process::id());
+    let admin: rdkafka::admin::AdminClient<_> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).create().unwrap();
+    admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(&topic, 2, rdkafka::admin::TopicReplication::Fixed(1))],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let record = |op, before, after, lsn| {
+        let (k, v) = debezium_customer(op, before, after, lsn);
+        (k, Some(v))
+    };
+    let tombstone = |id: i32| (serde_json::json!({"schema": null, "payload": {"id": id}}).to_string(), None);
+    produce(
+        &topic,
+        &[
+            record("r", None, Some((1, "Anne", "anne@x")), 100),
+            record("r", None, Some((2, "Bob", "bob@x")), 100),
+            record("r", None, Some((3, "Cy", "cy@x")), 100),
+            record("c", None, Some((4, "Dee", "dee@x")), 200),
+            record("u", Some((1, "Anne", "anne@x")), Some((1, "Anne", "anne2@x")), 300),
+            record("d", Some((2, "Bob", "bob@x")), None, 400),
+            tombstone(2),
+            record("u", Some((3, "Cy", "cy@x")), Some((3, "Cy One", "cy@x")), 500),
+            record("u", Some((3, "Cy One", "cy@x")), Some((3, "Cy Two", "cy@x")), 600),
+        ],
+    )
+    .await;
+    let yaml = format!(
+        "name: {name}\nsource:\n  type: kafka\n  brokers: {BROKER}\n  topics: [{topic}]\n\
+         transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: mirror\n    type: postgres\n    url: {url}\n    \
+         table: public.customers\n    from: inventory.customers\n",
+        name = dst.pipeline(),
+        data = dst.data_dir().display(),
+        url = dst.url(),
+    );
+    let file = dst.dir.path().join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let state = "SELECT id::text, name, email FROM customers ORDER BY id";
+    let row =
+        |id: &str, name: &str, email: &str| vec![Some(id.to_string()), Some(name.to_string()), Some(email.to_string())];
+    run_until_idle(&file);
+    assert_eq!(
+        dst.rows(state).await,
+        vec![row("1", "Anne", "anne2@x"), row("3", "Cy Two", "cy@x"), row("4", "Dee", "dee@x")]
+    );
+
+    // A second run resumes from the committed offsets.
+    produce(
+        &topic,
+        &[
+            record("u", Some((4, "Dee", "dee@x")), Some((4, "Dee", "dee2@x")), 700),
+            record("d", Some((3, "Cy Two", "cy@x")), None, 800),
+            tombstone(3),
+            record("c", None, Some((5, "Eve", "eve@x")), 900),
+        ],
+    )
+    .await;
+    let stderr = run_until_idle(&file);
+    assert_eq!(
+        dst.rows(state).await,
+        vec![row("1", "Anne", "anne2@x"), row("4", "Dee", "dee2@x"), row("5", "Eve", "eve@x")]
+    );
+    assert!(!stderr.contains("not a Debezium change record"), "{stderr}");
+}

@@ -109,6 +109,11 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         }
         // The topics are the source: the sinks' consumer groups read them directly.
         SourceConfig::Kafka(_) => {
+            // Nothing to snapshot or catch up on here: whether the pipeline is idle is up to
+            // the feeds (caught up with the topics, nothing new lately).
+            source_progress.snapshot_done.store(true, Ordering::Release);
+            let started = source_progress.last_data_ms.load(Ordering::Acquire);
+            source_progress.heartbeat_seen_ms.store(started + 1, Ordering::Release);
             let shutdown = shutdown.clone();
             Box::pin(async move {
                 shutdown.requested().await;
