@@ -12,9 +12,6 @@ use base64::Engine;
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
 
-/// Debezium's placeholder for an unchanged TOASTed value it did not have.
-const UNAVAILABLE: &str = "__debezium_unavailable_value";
-
 /// Where a record came from, for positions and messages.
 pub struct Origin<'a> {
     pub topic: &'a str,
@@ -333,7 +330,6 @@ fn value(v: &Json, ty: &ColumnType, unit: Unit) -> std::result::Result<Value, St
                 .collect::<std::result::Result<_, _>>()?,
         ),
         ColumnType::Text | ColumnType::TimeTz | ColumnType::Other(_) => match v {
-            Json::String(s) if s == UNAVAILABLE => Value::UnchangedToast,
             Json::String(s) => Value::Text(s.clone()),
             other => Value::Text(other.to_string()),
         },
