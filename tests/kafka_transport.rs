@@ -167,6 +167,14 @@ async fn every_op_lands_as_a_debezium_envelope() {
     assert_eq!(ops.iter().filter(|o| **o == "read").count(), 2);
     assert_eq!(ops.iter().filter(|o| **o == "truncate").count(), 3, "one per partition");
     assert_eq!(ops.len(), 2 + 3 + 3);
+
+    // Each of the two runs sent Debezium's heartbeat at its start.
+    let beats = kcat_records(&format!("__debezium-heartbeat.{}", src.pipeline()), BROKER);
+    assert!(beats.len() >= 2, "{beats:?}");
+    for (_, key, value) in beats {
+        assert_eq!(key, format!("{{\"serverName\":\"{}\"}}", src.pipeline()));
+        assert!(value.unwrap()["ts_ms"].as_i64().unwrap() > 1_700_000_000_000);
+    }
 }
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text)";

@@ -107,6 +107,19 @@ pub struct KafkaPublisher {
     delivered: u64,
     gate: AckGate,
     produced: u64,
+    /// Debezium's heartbeat topic, created on the first beat, and when the last beat went out.
+    heartbeat: Heartbeat,
+}
+
+/// A record in `__debezium-heartbeat.PREFIX` every interval, as Debezium's connectors write it
+/// (key `{"serverName": PREFIX}`, value `{"ts_ms": ...}`), so consumers can tell a quiet source
+/// from a dead one.
+struct Heartbeat {
+    topic: String,
+    key: String,
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    created: bool,
 }
 
 impl KafkaPublisher {
@@ -141,6 +154,13 @@ impl KafkaPublisher {
             delivered: cursor,
             gate,
             produced: 0,
+            heartbeat: Heartbeat {
+                topic: Topics::heartbeat_topic(&cfg.topic_prefix),
+                key: serde_json::json!({ "serverName": cfg.topic_prefix }).to_string(),
+                every: cfg.heartbeat,
+                last: None,
+                created: false,
+            },
         })
     }
 
@@ -154,6 +174,26 @@ impl KafkaPublisher {
         let entry = (Arc::new(schema), encoded);
         self.schemas.insert(id, entry.clone());
         Ok(entry)
+    }
+
+    /// Sends a heartbeat when one is due. Its delivery is not awaited: a lost beat is only late.
+    async fn beat(&mut self) -> Result<()> {
+        let hb = &mut self.heartbeat;
+        if hb.last.is_some_and(|at| at.elapsed() < hb.every) {
+            return Ok(());
+        }
+        if !hb.created {
+            self.topics.create(&hb.topic, 1).await?;
+            hb.created = true;
+        }
+        let value = format!("{{\"ts_ms\":{}}}", chrono::Utc::now().timestamp_millis());
+        let record: FutureRecord<'_, str, str> =
+            FutureRecord::to(&hb.topic).key(hb.key.as_str()).payload(value.as_str());
+        if let Err((e, _)) = self.producer.send_result(record) {
+            tracing::debug!(error = %e, "heartbeat not sent");
+        }
+        hb.last = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Produces every unsent record, in order.
@@ -321,6 +361,7 @@ impl Sink for KafkaPublisher {
 
     async fn tick(&mut self, flush: bool) -> Result<Progress> {
         self.send_unsent().await?;
+        self.beat().await?;
         if flush {
             self.producer.flush(std::time::Duration::from_secs(0)).ok();
         }
