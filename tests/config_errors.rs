@@ -592,3 +592,57 @@ fn kafka_transport_mistakes_are_named_with_their_fix() {
     ];
     refused_with_fixes(dir.path(), &cases);
 }
+
+const KAFKA_SOURCE: &str =
+    "name: mirror\nsource:\n  type: kafka\n  brokers: 127.0.0.1:9092\n  topics: [dbserver1.inventory.customers]\n\
+    sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
+
+#[test]
+fn a_kafka_source_validates_and_its_mistakes_are_named_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["validate", write(dir.path(), KAFKA_SOURCE).to_str().unwrap()], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("source: kafka topics [dbserver1.inventory.customers] (Debezium envelope)"), "{stdout}");
+    let good = KAFKA_SOURCE;
+    refused_with_fixes(
+        dir.path(),
+        &[
+            (
+                good.replace("  topics: [dbserver1.inventory.customers]\n", ""),
+                "source: a kafka source needs `topics`",
+                "topics: [dbserver1.inventory.customers]",
+            ),
+            (
+                good.replace("  brokers: 127.0.0.1:9092\n", ""),
+                "source: a kafka source needs `brokers`",
+                "add `brokers: 127.0.0.1:9092`",
+            ),
+            (
+                good.replace("[dbserver1.inventory.customers]", "[\"a topic\"]"),
+                "source.topics: `a topic` is neither a topic name nor a pattern",
+                "starting with `^`",
+            ),
+            (
+                good.replace("  topics:", "  tables: [public.t]\n  topics:"),
+                "source.tables: does not apply to kafka sources",
+                "list the topics under `topics:`",
+            ),
+            (
+                format!("{good}transport:\n  type: kafka\n  brokers: 127.0.0.1:9092\n"),
+                "a kafka source reads from Kafka already",
+                "keep `type: embedded`",
+            ),
+            (
+                GOOD.replace("  tables: [public.t]\n", "  tables: [public.t]\n  topics: [x]\n"),
+                "source.topics: does not apply to postgres sources",
+                "a kafka source reads topics",
+            ),
+            (
+                GOOD.replace("  url: postgres://cdc@127.0.0.1/cdc\n", ""),
+                "source: a postgres source needs `url`",
+                "add the connection string as `url:`",
+            ),
+        ],
+    );
+}
