@@ -59,6 +59,25 @@ impl AckGate {
         self.release(&mut s);
     }
 
+    /// Waits (at most `limit`) until every committed head is delivered, and returns the
+    /// acknowledgeable position: at a clean stop the slot is told all Kafka has, so the next
+    /// start does not capture and publish it again.
+    pub async fn settled(&self, limit: std::time::Duration) -> u64 {
+        let mut acked = self.acked.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.inner.lock().expect("ack gate lock").pending.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, acked.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        let position = *acked.borrow();
+        position
+    }
+
     /// The acknowledgeable source position, as it rises.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.acked.subscribe()

@@ -33,6 +33,10 @@ use tokio_util::sync::CancellationToken;
 const MAX_BATCH_EVENTS: usize = 20_000;
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
+/// How long a clean stop waits for the Kafka publisher to deliver what the source committed,
+/// so the slot's last acknowledgement covers it.
+const FINAL_DELIVERY_WAIT: Duration = Duration::from_secs(10);
+
 /// The meta key of the last acknowledged (durable) LSN.
 pub const ACK_KEY: &str = "pg.ack";
 
@@ -251,6 +255,9 @@ impl PostgresSource {
         let feedback = stream.feedback();
         // The reader owns the connection; dropping its future mid-read would corrupt the stream,
         // so it stops only through the cancellation token.
+        // The last status update waits until the final acknowledgement is known (with Kafka,
+        // once the publisher has delivered what was committed).
+        let (final_ack, final_ack_known) = tokio::sync::oneshot::channel::<()>();
         let reader = tokio::spawn(async move {
             loop {
                 match stream.next().await {
@@ -266,6 +273,8 @@ impl PostgresSource {
                     }
                 }
             }
+            drop(tx);
+            let _ = final_ack_known.await;
             let _ = stream.flush_feedback().await;
         });
         let heartbeat = tokio::spawn(heartbeat(
@@ -316,6 +325,14 @@ impl PostgresSource {
         }
         .await;
         cancel.cancel();
+        if let (Ok(()), Some(gate)) = (&result, &self.gate) {
+            let lsn = gate.settled(FINAL_DELIVERY_WAIT).await;
+            if lsn > 0 {
+                feedback.acknowledge(lsn);
+                self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+            }
+        }
+        let _ = final_ack.send(());
         let _ = reader.await;
         if let Some(f) = forwarder {
             let _ = f.await;
