@@ -65,13 +65,9 @@ impl AckGate {
     pub async fn settled(&self, limit: std::time::Duration) -> u64 {
         let mut acked = self.acked.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if self.inner.lock().expect("ack gate lock").pending.is_empty() {
+        while !self.inner.lock().expect("ack gate lock").pending.is_empty() {
+            if !matches!(tokio::time::timeout_at(deadline, acked.changed()).await, Ok(Ok(()))) {
                 break;
-            }
-            match tokio::time::timeout_at(deadline, acked.changed()).await {
-                Ok(Ok(())) => {}
-                _ => break,
             }
         }
         let position = *acked.borrow();
@@ -126,7 +122,7 @@ pub struct KafkaPublisher {
     delivered: u64,
     gate: AckGate,
     produced: u64,
-    /// Debezium's heartbeat topic, created on the first beat, and when the last beat went out.
+    /// Debezium's heartbeat topic, and when the last beat went out.
     heartbeat: Heartbeat,
 }
 
@@ -138,7 +134,6 @@ struct Heartbeat {
     key: String,
     every: std::time::Duration,
     last: Option<std::time::Instant>,
-    created: bool,
 }
 
 impl KafkaPublisher {
@@ -161,10 +156,13 @@ impl KafkaPublisher {
             .set("queue.buffering.max.messages", "200000");
         let producer: FutureProducer = c.create().map_err(|e| Error::config(format!("kafka producer: {e}")))?;
         gate.delivered(cursor);
+        let topics = Topics::new(cfg)?;
+        let heartbeat_topic = Topics::heartbeat_topic(&cfg.topic_prefix);
+        topics.create(&heartbeat_topic, 1).await?;
         Ok(Self {
             producer,
             config: c,
-            topics: Topics::new(cfg)?,
+            topics,
             envelope,
             log,
             schemas: HashMap::new(),
@@ -174,11 +172,10 @@ impl KafkaPublisher {
             gate,
             produced: 0,
             heartbeat: Heartbeat {
-                topic: Topics::heartbeat_topic(&cfg.topic_prefix),
+                topic: heartbeat_topic,
                 key: serde_json::json!({ "serverName": cfg.topic_prefix }).to_string(),
                 every: cfg.heartbeat,
                 last: None,
-                created: false,
             },
         })
     }
@@ -196,14 +193,10 @@ impl KafkaPublisher {
     }
 
     /// Sends a heartbeat when one is due. Its delivery is not awaited: a lost beat is only late.
-    async fn beat(&mut self) -> Result<()> {
+    fn beat(&mut self) {
         let hb = &mut self.heartbeat;
         if hb.last.is_some_and(|at| at.elapsed() < hb.every) {
-            return Ok(());
-        }
-        if !hb.created {
-            self.topics.create(&hb.topic, 1).await?;
-            hb.created = true;
+            return;
         }
         let value = format!("{{\"ts_ms\":{}}}", chrono::Utc::now().timestamp_millis());
         let record: FutureRecord<'_, str, str> =
@@ -212,7 +205,6 @@ impl KafkaPublisher {
             tracing::debug!(error = %e, "heartbeat not sent");
         }
         hb.last = Some(std::time::Instant::now());
-        Ok(())
     }
 
     /// Produces every unsent record, in order.
@@ -380,7 +372,7 @@ impl Sink for KafkaPublisher {
 
     async fn tick(&mut self, flush: bool) -> Result<Progress> {
         self.send_unsent().await?;
-        self.beat().await?;
+        self.beat();
         if flush {
             self.producer.flush(std::time::Duration::from_secs(0)).ok();
         }

@@ -328,8 +328,7 @@ impl PostgresSource {
         if let (Ok(()), Some(gate)) = (&result, &self.gate) {
             let lsn = gate.settled(FINAL_DELIVERY_WAIT).await;
             if lsn > 0 {
-                feedback.acknowledge(lsn);
-                self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+                acknowledge(&feedback, &self.progress, lsn);
             }
         }
         let _ = final_ack.send(());
@@ -368,14 +367,17 @@ impl PostgresSource {
         decoder.batch_committed();
         match (ack, &self.gate) {
             (Some(lsn), Some(gate)) => gate.committed(head, lsn),
-            (Some(lsn), None) => {
-                feedback.acknowledge(lsn);
-                self.progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
-            }
+            (Some(lsn), None) => acknowledge(feedback, &self.progress, lsn),
             (None, _) => {}
         }
         Ok(())
     }
+}
+
+/// Tells the server (with the next status update) and the status report that `lsn` is durable.
+fn acknowledge(feedback: &replication::Feedback, progress: &SourceProgress, lsn: u64) {
+    feedback.acknowledge(lsn);
+    progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
 }
 
 /// Acknowledges what the gate releases, until cancelled.
@@ -389,8 +391,7 @@ async fn forward_acks(
     loop {
         let lsn = *released.borrow_and_update();
         if lsn > 0 {
-            feedback.acknowledge(lsn);
-            progress.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+            acknowledge(&feedback, &progress, lsn);
         }
         tokio::select! {
             changed = released.changed() => if changed.is_err() { return },
