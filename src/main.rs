@@ -118,7 +118,12 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
                     config::ObjectTarget::File { root } => format!("file://{}", root.display()),
                     config::ObjectTarget::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
                 };
-                println!("  sink {}: parquet {target}", pq.name);
+                let nested = match pq.nested {
+                    config::NestedLayout::Json => "",
+                    config::NestedLayout::Struct { extended: true } => ", JSON as structs (Extended JSON read as BSON)",
+                    config::NestedLayout::Struct { extended: false } => ", JSON as structs",
+                };
+                println!("  sink {}: parquet {target}{nested}", pq.name);
             }
             SinkConfig::Postgres(pg) => println!(
                 "  sink {}: postgres {} table {} from {}, conflict {}",

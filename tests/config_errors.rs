@@ -76,6 +76,32 @@ fn wrong_value_points_at_the_value() {
 }
 
 #[test]
+fn the_nested_layout_is_named_and_only_parquet_sinks_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |layout: &str| {
+        GOOD.replace("url: file:///tmp/lake/\n", &format!("url: file:///tmp/lake/\n    nested: {layout}\n"))
+    };
+    let out = sluice(&["validate", write(dir.path(), &with("struct")).to_str().unwrap()], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sink lake: parquet file:///tmp/lake/, JSON as structs\n"), "{stdout}");
+    let path = write(dir.path(), &with("yaml"));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{}:10:13: nested: `yaml` is not a layout", path.display())), "{err}");
+    assert!(err.contains("fix: use `json` (JSON text, the default) or `struct` (typed structs and lists)"), "{err}");
+    let pg_sink = "  - name: mirror\n    type: postgres\n    url: postgres://cdc@127.0.0.1/cdc\n    table: public.t\n    nested: struct\n";
+    let path =
+        write(dir.path(), &GOOD.replace("  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n", pg_sink));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:11:13: sink mirror: `nested` does not apply to postgres sinks", path.display())),
+        "{err}"
+    );
+    assert!(err.contains("fix: remove `nested`"), "{err}");
+}
+
+#[test]
 fn bad_table_name_and_unknown_sink_type() {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = validate(&write(dir.path(), &GOOD.replace("[public.t]", "[a.b.c]")));

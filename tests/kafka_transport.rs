@@ -475,3 +475,82 @@ async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
     );
     assert!(!stderr.contains("not a Debezium change record"), "{stderr}");
 }
+
+/// A MongoDB collection through the Kafka transport: the topic holds the MongoDB connector's
+/// envelope (key `{"id": <_id as Extended JSON>}`, `after` as Extended JSON text, `source` with
+/// db and collection), each key's changes in order, a delete followed by its tombstone; and the
+/// Parquet sink behind Kafka lands the same documents the collection has.
+#[tokio::test]
+async fn a_mongodb_collection_lands_as_the_mongodb_connectors_envelope() {
+    use mongodb::bson::{doc, DateTime, Document};
+    let m = support::mongo::TestMongo::new("kt_mongo").await;
+    let orders = m.db.collection::<Document>("orders");
+    orders
+        .insert_many([
+            doc! { "_id": "a", "n": 1, "at": DateTime::from_millis(1_700_000_000_123), "lines": [{ "sku": "x" }] },
+            doc! { "_id": "b", "n": 2 },
+            doc! { "_id": "d", "n": 4 },
+        ])
+        .await
+        .unwrap();
+    let data = m.dir.path().join("data");
+    let yaml = format!(
+        "name: {name}\nsource:\n  type: mongodb\n  url: \"{url}\"\n  database: {name}\n  collections: [orders]\n\
+         transport:\n  type: kafka\n  brokers: {BROKER}\n  topic_prefix: {name}\n  partitions: 2\n  path: {data}\n\
+         sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n",
+        name = m.name,
+        url = support::mongo::mongo_url(),
+        data = data.display(),
+        lake = m.lake_dir().display(),
+    );
+    let file = m.dir.path().join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    run_until_idle(&file);
+    // The test server returns a looked-up document's dates as text, so the updated one has none.
+    orders.update_one(doc! { "_id": "d" }, doc! { "$set": { "n": 5 } }).await.unwrap();
+    orders.delete_one(doc! { "_id": "b" }).await.unwrap();
+    orders.insert_one(doc! { "_id": "c", "n": 3 }).await.unwrap();
+    run_until_idle(&file);
+
+    let records = kcat_records(&format!("{0}.{0}.orders", m.name), BROKER);
+    let mut by_key: BTreeMap<String, Vec<Option<serde_json::Value>>> = BTreeMap::new();
+    for (_, key, value) in records {
+        by_key.entry(key).or_default().push(value);
+    }
+    let ops = |key: &str| -> Vec<String> {
+        by_key[key]
+            .iter()
+            .map(|v| v.as_ref().map_or("tombstone".into(), |v| v["op"].as_str().unwrap().into()))
+            .collect()
+    };
+    let keys = [r#"{"id":"\"a\""}"#, r#"{"id":"\"b\""}"#, r#"{"id":"\"c\""}"#, r#"{"id":"\"d\""}"#];
+    assert_eq!(by_key.keys().collect::<Vec<_>>(), keys);
+    assert_eq!(ops(r#"{"id":"\"a\""}"#), ["r"]);
+    assert_eq!(ops(r#"{"id":"\"d\""}"#), ["r", "u"]);
+    assert_eq!(ops(r#"{"id":"\"b\""}"#), ["r", "d", "tombstone"]);
+    assert_eq!(ops(r#"{"id":"\"c\""}"#), ["c"]);
+    let read = by_key[r#"{"id":"\"a\""}"#][0].as_ref().unwrap();
+    let update = by_key[r#"{"id":"\"d\""}"#][1].as_ref().unwrap();
+    let parsed = |v: &serde_json::Value| serde_json::from_str::<serde_json::Value>(v.as_str().unwrap()).unwrap();
+    assert_eq!(
+        parsed(&read["after"]),
+        serde_json::json!({"_id": "a", "n": 1, "at": {"$date": "2023-11-14T22:13:20.123Z"}, "lines": [{"sku": "x"}]})
+    );
+    assert_eq!(parsed(&update["after"]), serde_json::json!({"_id": "d", "n": 5}));
+    assert_eq!(read["before"], serde_json::Value::Null);
+    // The snapshot reads a, b, then d (its last).
+    for (v, snapshot) in [(read, "true"), (update, "false")] {
+        let source = &v["source"];
+        assert_eq!(source["connector"], "mongodb");
+        assert_eq!(source["name"], m.name.as_str());
+        assert_eq!(source["db"], m.name.as_str());
+        assert_eq!(source["collection"], "orders");
+        assert!(source["ts_ms"].as_i64().unwrap() > 0, "{source}");
+        assert_eq!(source["snapshot"], snapshot);
+    }
+    let delete = by_key[r#"{"id":"\"b\""}"#][1].as_ref().unwrap();
+    assert_eq!((&delete["after"], &delete["op"]), (&serde_json::Value::Null, &serde_json::json!("d")));
+
+    let rows = support::lake::changelog(&m.lake_dir(), &format!("{}.orders", m.name));
+    assert_eq!(support::mongo::lake_documents(&rows), m.documents("orders").await);
+}

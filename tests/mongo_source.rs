@@ -289,3 +289,77 @@ async fn a_collection_mirrors_into_postgres_through_a_mapping() {
         vec![row("p1", "ada@x.org", Some("Oslo")), row("p2", "bo@new.org", Some("Bergen"))]
     );
 }
+
+/// `nested: struct`: documents land as typed Parquet structs and lists. A field first seen
+/// after the file's first 8,192 rows closes that file and the next file has the new column;
+/// an `_id` that is an ObjectId in one document and a string in others keeps each value's
+/// Extended JSON text. A second run streams an update into the same layout.
+#[tokio::test]
+async fn documents_land_as_typed_structs_under_nested_struct() {
+    let m = TestMongo::new("mg_struct").await;
+    let orders = m.db.collection::<Document>("orders");
+    orders
+        .insert_one(doc! {
+            "_id": ObjectId::parse_str("64b7f0c2a1b2c3d4e5f60718").unwrap(),
+            "total": 12.5,
+            "at": DateTime::from_millis(1_700_000_000_123),
+            "blob": Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: vec![0, 1, 254] },
+            "lines": [{ "sku": "a", "n": 1 }, { "sku": "b", "n": 2 }],
+        })
+        .await
+        .unwrap();
+    // Sorted after the ObjectId; from k08200 on each has a field the first 8,192 rows lack.
+    let many: Vec<Document> = (0..8300)
+        .map(|i| match i {
+            0..8200 => doc! { "_id": format!("k{i:05}"), "n": i, "tags": ["x"] },
+            _ => doc! { "_id": format!("k{i:05}"), "n": i, "tags": [], "extra": { "deep": true } },
+        })
+        .collect();
+    orders.insert_many(many).await.unwrap();
+    let sink = format!(
+        "  - name: lake\n    type: parquet\n    url: file://{}/\n    nested: struct\n    roll: {{ max_rows: 100000, max_age: 1s }}\n",
+        m.lake_dir().display()
+    );
+    let file = m.pipeline_with_sinks(&["orders"], &sink);
+    run_until_idle(&file);
+
+    let table = format!("{}.orders", m.name);
+    let files = support::lake::files(&m.lake_dir(), &table);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let fields = |f: &std::path::Path| {
+        let schema = support::lake::batches(f)[0].schema();
+        format!("{}", schema.field_with_name("document").unwrap().data_type())
+    };
+    assert_eq!(
+        fields(&files[0]),
+        "Struct(\"_id\": Utf8, metadata: {\"ARROW:extension:metadata\": \"\", \"ARROW:extension:name\": \"arrow.json\"}, \
+         \"total\": Float64, \"at\": Timestamp(ms, \"UTC\"), \"blob\": Binary, \
+         \"lines\": List(Struct(\"sku\": Utf8, \"n\": Int32)), \"n\": Int32, \"tags\": List(Utf8))"
+    );
+    assert_eq!(
+        fields(&files[1]),
+        "Struct(\"_id\": Utf8, \"n\": Int32, \"tags\": List(Utf8), \"extra\": Struct(\"deep\": Boolean))"
+    );
+    let rows = changelog(&m.lake_dir(), &table);
+    assert_eq!(rows.len(), 8301);
+    let by_id = |id: &str| rows.iter().find(|r| r.columns["_id"].as_deref() == Some(id)).expect(id).clone();
+    let doc = |id: &str| by_id(id).columns["document"].clone().unwrap();
+    assert_eq!(
+        doc(r#"{"$oid":"64b7f0c2a1b2c3d4e5f60718"}"#),
+        r#"{_id: {"$oid":"64b7f0c2a1b2c3d4e5f60718"}, total: 12.5, at: 2023-11-14T22:13:20.123Z, blob: 0001fe, lines: [{sku: a, n: 1}, {sku: b, n: 2}], n: , tags: }"#
+    );
+    assert_eq!(doc(r#""k00001""#), r#"{_id: "k00001", total: , at: , blob: , lines: , n: 1, tags: [x]}"#);
+    assert_eq!(by_id(r#""k08190""#).file, files[0]);
+    // The second file begins where the first file's rows end: every row is in exactly one.
+    assert_eq!(by_id(r#""k08191""#).file, files[1]);
+    assert_eq!(doc(r#""k08191""#), "{_id: k08191, n: 8191, tags: [x], extra: }");
+    assert_eq!(doc(r#""k08299""#), "{_id: k08299, n: 8299, tags: [], extra: {deep: true}}");
+    assert!(duplicate_positions(&rows).is_empty());
+
+    orders.update_one(doc! { "_id": "k00001" }, doc! { "$set": { "n": -1, "tags": ["y", "z"] } }).await.unwrap();
+    run_until_idle(&file);
+    let rows = changelog(&m.lake_dir(), &table);
+    let updates: Vec<_> = rows.iter().filter(|r| r.op == "update").collect();
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0].columns["document"].as_deref(), Some("{_id: k00001, n: -1, tags: [y, z]}"));
+}

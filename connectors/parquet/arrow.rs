@@ -78,19 +78,32 @@ fn interval_fields() -> Fields {
     ])
 }
 
-/// Builds one record batch from events of one table schema.
-pub fn record_batch(schema: &TableSchema, arrow: &Arc<Schema>, events: &[&ChangeEvent]) -> Result<RecordBatch> {
+/// The value of column `ci` an event's row shows: the row after the change, or for a delete
+/// its key columns (the rest null).
+pub fn value_of<'e>(e: &'e ChangeEvent, ci: usize, key_idx: &[usize]) -> &'e Value {
+    match (&e.after, e.op) {
+        (Some(after), _) => &after[ci],
+        (None, Op::Delete) => key_idx.iter().position(|&k| k == ci).map(|p| &e.key[p]).unwrap_or(&Value::Null),
+        (None, _) => &Value::Null,
+    }
+}
+
+/// Builds one record batch from events of one table schema; a column given in `built` (by
+/// index; the list may be shorter) is taken as it is.
+pub fn record_batch(
+    schema: &TableSchema,
+    arrow: &Arc<Schema>,
+    events: &[&ChangeEvent],
+    mut built: Vec<Option<ArrayRef>>,
+) -> Result<RecordBatch> {
     let key_idx = schema.key_indexes();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(arrow.fields().len());
     for (ci, col) in schema.columns.iter().enumerate() {
-        let values: Vec<&Value> = events
-            .iter()
-            .map(|e| match (&e.after, e.op) {
-                (Some(after), _) => &after[ci],
-                (None, Op::Delete) => key_idx.iter().position(|&k| k == ci).map(|p| &e.key[p]).unwrap_or(&Value::Null),
-                (None, _) => &Value::Null,
-            })
-            .collect();
+        if let Some(column) = built.get_mut(ci).and_then(Option::take) {
+            columns.push(column);
+            continue;
+        }
+        let values: Vec<&Value> = events.iter().map(|e| value_of(e, ci, &key_idx)).collect();
         let dt = arrow.field(ci).data_type();
         columns.push(
             array(&col.ty, dt, &values)

@@ -7,15 +7,19 @@
 //! crash, which the new file replaces.
 
 mod arrow;
+mod nested;
 mod store;
 
-use self::arrow::{arrow_schema, record_batch};
-use crate::config::{ParquetSinkConfig, PartitionBy};
+use self::arrow::{arrow_schema, record_batch, value_of};
+use self::nested::Shape;
+use crate::config::{NestedLayout, ParquetSinkConfig, PartitionBy};
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, TableSchema};
+use crate::event::{ChangeEvent, ColumnType, Position, TableSchema, Value};
 use crate::log::{EmbeddedLog, LogRecord};
 use crate::runtime::sink::{Progress, Sink};
+use ::arrow::array::ArrayRef;
 use ::arrow::datatypes::Schema;
+use mongodb::bson::Bson;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -38,13 +42,23 @@ struct OpenFile {
     partition: String,
     schema_id: u32,
     schema: Arc<TableSchema>,
+    /// The file's Arrow schema: the table's, with inferred types for JSON columns under
+    /// `nested: struct` (known at the first encode).
     arrow: Arc<Schema>,
+    /// Under `nested: struct`, the file's shape of each JSON column (`None` for the others);
+    /// empty until the first encode.
+    shapes: Vec<Option<Shape>>,
     path: PathBuf,
-    writer: ArrowWriter<std::fs::File>,
+    /// Started at the first encode, when the file's schema is known.
+    writer: Option<ArrowWriter<std::fs::File>>,
     pending: Vec<Arc<ChangeEvent>>,
     pending_bytes: usize,
+    /// Log offset of the first pending record: where a file split off by a new shape begins.
+    pending_first: u64,
     /// Bytes written and buffered by the encoder, as of the last encode (it changes only then).
     encoded_bytes: usize,
+    /// Log offset of the last record encoded: where this file ends if the pending ones split off.
+    encoded_last: u64,
     first_offset: u64,
     last_offset: u64,
     rows: u64,
@@ -142,58 +156,85 @@ impl ParquetSink {
         }
     }
 
+    /// A file whose first record is at `position` and log offset `first_offset`.
     fn open_file(
         &self,
-        record: &LogRecord,
+        position: &Position,
+        first_offset: u64,
         partition: String,
         schema_id: u32,
         schema: Arc<TableSchema>,
         arrow: Arc<Schema>,
-    ) -> Result<OpenFile> {
-        let name = format!("{}.parquet", record.event.position);
+    ) -> OpenFile {
+        let name = format!("{position}.parquet");
         let key = format!("{partition}/{name}");
         let path = self.spool.join(format!("{}-{name}", partition.replace('/', "_")));
-        let file = std::fs::File::create(&path).map_err(|e| Error::retryable("parquet spool", e))?;
-        let mut props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            // Every position is distinct: a dictionary would only be built to be discarded.
-            .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            // A column still distinct after 256 KiB of dictionary falls back to plain encoding
-            // sooner (1 MiB kept whole row groups of unique decimals dictionary-encoded): less
-            // CPU and, on the benchmark table, 2% smaller files.
-            .set_dictionary_page_size_limit(256 * 1024)
-            .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")));
-        // Keys are distinct in a snapshot and nearly so in a changelog; for an integer key the
-        // dictionary never outgrows its size limit, so it would be kept, as large as the column.
-        for i in schema.key_indexes() {
-            props = props.set_column_dictionary_enabled(ColumnPath::from(schema.columns[i].name.as_str()), false);
-        }
-        let props = props.build();
-        let writer = ArrowWriter::try_new(file, arrow.clone(), Some(props))
-            .map_err(|e| Error::permanent("parquet writer", e))?;
-        Ok(OpenFile {
+        OpenFile {
             key,
             partition,
             schema_id,
             schema,
             arrow,
+            shapes: Vec::new(),
             path,
-            writer,
+            writer: None,
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_first: first_offset,
             encoded_bytes: 0,
-            first_offset: record.offset,
-            last_offset: record.offset,
+            encoded_last: first_offset,
+            first_offset,
+            last_offset: first_offset,
             rows: 0,
             opened: Instant::now(),
-        })
+        }
+    }
+
+    /// Encodes a partition's pending rows. Under `nested: struct`, rows whose JSON shapes the
+    /// open file cannot hold close it, and a new file, whose shapes hold both, takes them.
+    fn encode_partition(&mut self, partition: &str) -> Result<()> {
+        let nested = self.cfg.nested;
+        let f = self.open.get_mut(partition).expect("encoding an open file");
+        let Encoded::Split(shapes) = encode(f, nested)? else { return Ok(()) };
+        let mut old = self.open.remove(partition).expect("encoding an open file");
+        let pending = std::mem::take(&mut old.pending);
+        let mut new = self.open_file(
+            &pending[0].position,
+            old.pending_first,
+            old.partition.clone(),
+            old.schema_id,
+            old.schema.clone(),
+            old.arrow.clone(),
+        );
+        new.shapes = shapes;
+        new.rows = pending.len() as u64;
+        new.pending = pending;
+        new.pending_bytes = std::mem::take(&mut old.pending_bytes);
+        new.last_offset = old.last_offset;
+        old.rows -= new.rows;
+        old.last_offset = old.encoded_last;
+        tracing::debug!(sink = %self.cfg.name, key = %old.key, "a new JSON field or type: the next file has it");
+        self.finish(old)?;
+        if let Encoded::Split(_) = encode(&mut new, nested)? {
+            return Err(Error::permanent("parquet", "a file's JSON shapes do not hold the rows they were merged from"));
+        }
+        self.open.insert(partition.to_string(), new);
+        Ok(())
     }
 
     fn close(&mut self, partition: &str) -> Result<()> {
-        let Some(mut f) = self.open.remove(partition) else { return Ok(()) };
-        encode(&mut f)?;
-        f.writer.close().map_err(|e| Error::permanent("parquet writer", e))?;
+        if !self.open.contains_key(partition) {
+            return Ok(());
+        }
+        self.encode_partition(partition)?;
+        let f = self.open.remove(partition).expect("encoded above");
+        self.finish(f)
+    }
+
+    /// Closes a file whose rows are all encoded.
+    fn finish(&mut self, f: OpenFile) -> Result<()> {
+        let writer = f.writer.expect("a file holds at least one encoded row");
+        writer.close().map_err(|e| Error::permanent("parquet writer", e))?;
         self.closed.push(ClosedFile {
             key: f.key,
             partition: f.partition,
@@ -214,17 +255,127 @@ impl ParquetSink {
     }
 }
 
-fn encode(f: &mut OpenFile) -> Result<()> {
+/// The writer settings of a table's files.
+fn writer_properties(schema: &TableSchema) -> WriterProperties {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        // Every position is distinct: a dictionary would only be built to be discarded.
+        .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        // A column still distinct after 256 KiB of dictionary falls back to plain encoding
+        // sooner (1 MiB kept whole row groups of unique decimals dictionary-encoded): less
+        // CPU and, on the benchmark table, 2% smaller files.
+        .set_dictionary_page_size_limit(256 * 1024)
+        .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")));
+    // Keys are distinct in a snapshot and nearly so in a changelog; for an integer key the
+    // dictionary never outgrows its size limit, so it would be kept, as large as the column.
+    for i in schema.key_indexes() {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(schema.columns[i].name.as_str()), false);
+    }
+    props.build()
+}
+
+/// What [`encode`] did with a file's pending rows.
+enum Encoded {
+    Written,
+    /// The rows' JSON shapes do not fit the file: a new file with these shapes must take them.
+    Split(Vec<Option<Shape>>),
+}
+
+fn encode(f: &mut OpenFile, nested: NestedLayout) -> Result<Encoded> {
     if f.pending.is_empty() {
-        return Ok(());
+        return Ok(Encoded::Written);
     }
     let refs: Vec<&ChangeEvent> = f.pending.iter().map(|e| &**e).collect();
-    let batch = record_batch(&f.schema, &f.arrow, &refs)?;
-    f.writer.write(&batch).map_err(|e| Error::permanent("parquet writer", e))?;
+    let mut columns: Vec<Option<ArrayRef>> = Vec::new();
+    if let NestedLayout::Struct { extended } = nested {
+        let values = json_values(&f.schema, &refs, extended)?;
+        let shapes: Vec<Option<Shape>> = values
+            .iter()
+            .map(|v| v.as_ref().map(|v| v.iter().flatten().fold(Shape::Null, |acc, b| acc.unify(Shape::of(b)))))
+            .collect();
+        if f.writer.is_none() {
+            f.shapes = shapes;
+            f.arrow = nested_schema(&f.arrow, &f.shapes);
+        } else if !f.shapes.iter().zip(&shapes).all(|(have, new)| match (have, new) {
+            (Some(have), Some(new)) => have.holds(new),
+            _ => true,
+        }) {
+            let merged = f.shapes.iter().cloned().zip(shapes).map(|(a, b)| a.zip(b).map(|(a, b)| a.unify(b))).collect();
+            return Ok(Encoded::Split(merged));
+        }
+        for (ci, shape) in f.shapes.iter().enumerate() {
+            columns.push(match (shape, &values[ci]) {
+                (Some(shape), Some(v)) => {
+                    let v: Vec<Option<&Bson>> = v.iter().map(Option::as_ref).collect();
+                    let column = &f.schema.columns[ci].name;
+                    Some(
+                        shape
+                            .array(&v)
+                            .map_err(|m| Error::permanent(format!("parquet: {} column {column}", f.schema.table), m))?,
+                    )
+                }
+                _ => None,
+            });
+        }
+    }
+    if f.writer.is_none() {
+        let file = std::fs::File::create(&f.path).map_err(|e| Error::retryable("parquet spool", e))?;
+        let props = writer_properties(&f.schema);
+        let writer = ArrowWriter::try_new(file, f.arrow.clone(), Some(props))
+            .map_err(|e| Error::permanent("parquet writer", e))?;
+        f.writer = Some(writer);
+    }
+    let batch = record_batch(&f.schema, &f.arrow, &refs, columns)?;
+    let writer = f.writer.as_mut().expect("started above");
+    writer.write(&batch).map_err(|e| Error::permanent("parquet writer", e))?;
     f.pending.clear();
     f.pending_bytes = 0;
-    f.encoded_bytes = f.writer.bytes_written() + f.writer.in_progress_size();
-    Ok(())
+    f.encoded_last = f.last_offset;
+    f.encoded_bytes = writer.bytes_written() + writer.in_progress_size();
+    Ok(Encoded::Written)
+}
+
+/// Each JSON column's values in `events`, read as BSON (`None` for other columns and for nulls).
+/// Key columns keep their JSON text, so a key reads the same in every file.
+fn json_values(
+    schema: &TableSchema,
+    events: &[&ChangeEvent],
+    extended: bool,
+) -> Result<Vec<Option<Vec<Option<Bson>>>>> {
+    let key_idx = schema.key_indexes();
+    let mut out = Vec::with_capacity(schema.columns.len());
+    for (ci, col) in schema.columns.iter().enumerate() {
+        if col.ty != ColumnType::Json || col.key {
+            out.push(None);
+            continue;
+        }
+        let mut values = Vec::with_capacity(events.len());
+        for e in events {
+            values.push(match value_of(e, ci, &key_idx) {
+                Value::Json(text) => Some(nested::parse(text, extended).map_err(|m| {
+                    Error::permanent(format!("parquet: {} column {} at {}", schema.table, col.name, e.position), m)
+                })?),
+                _ => None,
+            });
+        }
+        out.push(Some(values));
+    }
+    Ok(out)
+}
+
+/// The table's Arrow schema with each JSON column typed by its shape.
+fn nested_schema(table: &Schema, shapes: &[Option<Shape>]) -> Arc<Schema> {
+    let fields: Vec<::arrow::datatypes::Field> = table
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match shapes.get(i) {
+            Some(Some(shape)) => shape.field(f.name()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
 }
 
 #[async_trait::async_trait]
@@ -245,10 +396,20 @@ impl Sink for ParquetSink {
             }
             if !self.open.contains_key(&*partition) {
                 let (schema, arrow) = self.schema(schema_id).await?;
-                let f = self.open_file(&record, partition.to_string(), schema_id, schema, arrow)?;
+                let f = self.open_file(
+                    &record.event.position,
+                    record.offset,
+                    partition.to_string(),
+                    schema_id,
+                    schema,
+                    arrow,
+                );
                 self.open.insert(partition.to_string(), f);
             }
             let f = self.open.get_mut(&*partition).expect("opened above");
+            if f.pending.is_empty() {
+                f.pending_first = record.offset;
+            }
             f.last_offset = record.offset;
             f.rows += 1;
             f.pending_bytes += record.bytes;
@@ -256,8 +417,9 @@ impl Sink for ParquetSink {
             let snapshot_done = record.event.snapshot_last;
             f.pending.push(record.event);
             if f.pending.len() >= ENCODE_ROWS {
-                encode(f)?;
+                self.encode_partition(&partition)?;
             }
+            let f = &self.open[&*partition];
             let size = f.encoded_bytes + f.pending_bytes;
             if snapshot_done || f.rows >= roll.max_rows || size as u64 >= roll.max_bytes {
                 self.close(&partition)?;

@@ -407,6 +407,17 @@ pub struct ParquetSinkConfig {
     pub roll: Roll,
     pub unbounded_numeric: NumericPolicy,
     pub partition_by: PartitionBy,
+    pub nested: NestedLayout,
+}
+
+/// How a Parquet sink writes JSON columns (MongoDB documents, PostgreSQL json/jsonb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NestedLayout {
+    /// JSON text (Parquet's JSON logical type), exactly as captured.
+    Json,
+    /// Structs and lists typed from the values (see `connectors/parquet/nested.rs`);
+    /// `extended`: the text is MongoDB Extended JSON, so BSON types are read back.
+    Struct { extended: bool },
 }
 
 /// Where files go.

@@ -179,6 +179,9 @@ pub struct RawSink {
     pub unbounded_numeric: Option<Spanned<String>>,
     #[serde(default)]
     pub partition_by: Option<Spanned<String>>,
+    /// Parquet sinks: JSON columns as JSON text or as typed structs and lists.
+    #[serde(default)]
+    pub nested: Option<Spanned<String>>,
     /// Mapped sinks: the target table or object.
     #[serde(default)]
     pub table: Option<Spanned<String>>,

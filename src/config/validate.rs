@@ -145,7 +145,9 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
     let mut sinks = Vec::new();
     for sink in raw.sinks.value {
         let sink = match sink.kind.value {
-            SinkKind::Parquet => SinkConfig::Parquet(parquet_sink(&cx, sink)?),
+            SinkKind::Parquet => {
+                SinkConfig::Parquet(parquet_sink(&cx, sink, matches!(source, SourceConfig::Mongodb(_)))?)
+            }
             SinkKind::Postgres => SinkConfig::Postgres(super::mapped::postgres_sink(&cx, sink, &source_tables)?),
             SinkKind::Hubspot => SinkConfig::Hubspot(super::crm::hubspot_sink(&cx, sink, &source_tables)?),
             SinkKind::Salesforce => SinkConfig::Salesforce(super::crm::salesforce_sink(&cx, sink, &source_tables)?),
@@ -338,7 +340,8 @@ pub(super) fn only_for<T>(
     }
 }
 
-fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError> {
+/// A Parquet sink; `extended_json`: the source writes JSON columns as MongoDB Extended JSON.
+fn parquet_sink(cx: &Ctx, raw: RawSink, extended_json: bool) -> Result<ParquetSinkConfig, ConfigError> {
     let name = sink_name(cx, &raw)?;
     only_for(cx, &name, "parquet", "table", raw.table.as_ref())?;
     only_for(cx, &name, "parquet", "from", raw.from.as_ref())?;
@@ -448,7 +451,18 @@ fn parquet_sink(cx: &Ctx, raw: RawSink) -> Result<ParquetSinkConfig, ConfigError
             ))
         }
     };
-    Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by })
+    let nested = match raw.nested.as_ref().map(|n| n.value.as_str()) {
+        None | Some("json") => NestedLayout::Json,
+        Some("struct") => NestedLayout::Struct { extended: extended_json },
+        Some(other) => {
+            return Err(cx.err(
+                raw.nested.as_ref().unwrap(),
+                format!("nested: `{other}` is not a layout"),
+                "use `json` (JSON text, the default) or `struct` (typed structs and lists)",
+            ))
+        }
+    };
+    Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by, nested })
 }
 
 fn parse_numeric_policy(text: &str) -> Option<NumericPolicy> {
