@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Duration;
 use support::lake::{changelog, duplicate_positions};
 use support::mongo::{lake_documents, TestMongo};
+use support::mongo_proxy::MongoProxy;
 use support::{eventually, run_until_idle, seed, sluice, Running, TestDb};
 
 fn json(text: &str) -> serde_json::Value {
@@ -362,4 +363,58 @@ async fn documents_land_as_typed_structs_under_nested_struct() {
     let updates: Vec<_> = rows.iter().filter(|r| r.op == "update").collect();
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0].columns["document"].as_deref(), Some("{_id: k00001, n: -1, tags: [y, z]}"));
+}
+
+/// A resume point the oplog has rolled past. MongoDB then answers the resumed change stream with
+/// `ChangeStreamHistoryLost`, which the test server never does, so a wire-protocol proxy in
+/// front of it gives that answer. `on_history_lost: fail` stops the run naming the collection
+/// and the fix, and lands nothing; `resnapshot` reads the collection again, after which the lake
+/// equals the collection and streaming goes on.
+#[tokio::test]
+async fn a_lost_resume_point_fails_or_resnapshots_as_declared() {
+    let m = TestMongo::new("mg_lost").await;
+    let orders = m.db.collection::<Document>("orders");
+    orders.insert_many((0..3).map(|i| doc! { "_id": format!("k{i}"), "n": i })).await.unwrap();
+    let upstream = support::mongo::mongo_url();
+    let upstream = upstream.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_string();
+    let proxy = MongoProxy::start(&upstream);
+    let file = m.pipeline_file(&["orders"], "  on_history_lost: fail\n");
+    let through_proxy =
+        std::fs::read_to_string(&file).unwrap().replace(&upstream, &format!("127.0.0.1:{}", proxy.port));
+    std::fs::write(&file, &through_proxy).unwrap();
+    run_until_idle(&file);
+    let table = format!("{}.orders", m.name);
+    assert_eq!(changelog(&m.lake_dir(), &table).len(), 3);
+
+    orders.update_one(doc! { "_id": "k1" }, doc! { "$set": { "n": 10 } }).await.unwrap();
+    orders.insert_one(doc! { "_id": "k3", "n": 3 }).await.unwrap();
+    proxy.lose_history();
+    let out = sluice(&["run", file.to_str().unwrap(), "--until-idle", "1s"], m.dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("collection {table}: the stored resume point is no longer in the oplog")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Set `on_history_lost: resnapshot` to read the collection again"), "{stderr}");
+    assert_eq!(proxy.times_lost(), 1);
+    let rows = changelog(&m.lake_dir(), &table);
+    assert_eq!(rows.iter().map(|r| r.op.as_str()).collect::<Vec<_>>(), ["read"; 3]);
+
+    std::fs::write(&file, through_proxy.replace("on_history_lost: fail", "on_history_lost: resnapshot")).unwrap();
+    proxy.lose_history();
+    run_until_idle(&file);
+    assert_eq!(proxy.times_lost(), 2);
+    let rows = changelog(&m.lake_dir(), &table);
+    // The first snapshot's three reads, then the collection read again: four more.
+    assert_eq!(rows.iter().filter(|r| r.op == "read").count(), 7, "{rows:?}");
+    assert_eq!(lake_documents(&rows), m.documents("orders").await);
+    assert!(duplicate_positions(&rows).is_empty());
+
+    orders.update_one(doc! { "_id": "k0" }, doc! { "$set": { "n": -1 } }).await.unwrap();
+    run_until_idle(&file);
+    let rows = changelog(&m.lake_dir(), &table);
+    let updates: Vec<_> = rows.iter().filter(|r| r.op == "update").map(|r| r.columns["_id"].clone().unwrap()).collect();
+    assert_eq!(updates, [r#""k0""#]);
+    assert_eq!(lake_documents(&rows), m.documents("orders").await);
 }

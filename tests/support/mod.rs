@@ -4,6 +4,7 @@
 
 pub mod lake;
 pub mod mongo;
+pub mod mongo_proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
