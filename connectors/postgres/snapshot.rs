@@ -137,7 +137,7 @@ pub async fn run(
                 let p = &mut progress.tables[idx];
                 let n = piece.rows.len() as u64;
                 let last = (plan.last && piece.complete).then(|| piece.rows.len().wrapping_sub(1));
-                let mut batch = WriteBatch::with_capacity(piece.rows.len() + 1);
+                let mut batch = WriteBatch::with_capacity(piece.rows.len());
                 batch.uses_schema(t.schema_id, &t.schema);
                 for (i, row) in piece.rows.into_iter().enumerate() {
                     let key = key_idx.iter().map(|&k| row[k].clone()).collect();
