@@ -391,10 +391,12 @@ impl Sink for ParquetSink {
             }
             let schema_id = record.event.schema_id;
             // A schema change closes the partition's file; the next one has the new columns.
-            if self.open.get(&*partition).is_some_and(|f| f.schema_id != schema_id) {
-                self.close(&partition)?;
-            }
-            if !self.open.contains_key(&*partition) {
+            // (One lookup here and one below per record: the partition name is hashed each time.)
+            let same_schema = self.open.get(&*partition).map(|f| f.schema_id == schema_id);
+            if same_schema != Some(true) {
+                if same_schema.is_some() {
+                    self.close(&partition)?;
+                }
                 let (schema, arrow) = self.schema(schema_id).await?;
                 let f = self.open_file(
                     &record.event.position,
@@ -416,12 +418,15 @@ impl Sink for ParquetSink {
             // The table's snapshot is complete: its last file need not wait for max_age.
             let snapshot_done = record.event.snapshot_last;
             f.pending.push(record.event);
-            if f.pending.len() >= ENCODE_ROWS {
+            let full =
+                |f: &OpenFile| f.rows >= roll.max_rows || (f.encoded_bytes + f.pending_bytes) as u64 >= roll.max_bytes;
+            let close = if f.pending.len() >= ENCODE_ROWS {
                 self.encode_partition(&partition)?;
-            }
-            let f = &self.open[&*partition];
-            let size = f.encoded_bytes + f.pending_bytes;
-            if snapshot_done || f.rows >= roll.max_rows || size as u64 >= roll.max_bytes {
+                snapshot_done || full(&self.open[&*partition])
+            } else {
+                snapshot_done || full(f)
+            };
+            if close {
                 self.close(&partition)?;
             }
         }
