@@ -624,6 +624,28 @@ const KAFKA_SOURCE: &str =
     sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
 
 #[test]
+fn transaction_metadata_is_refused_where_it_cannot_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let mongo = "name: ok\nsource:\n  type: mongodb\n  url: mongodb://127.0.0.1:27017/\n  database: shop\n\
+                 transport:\n  type: kafka\n  brokers: 127.0.0.1:9092\n  transaction_metadata: true\n\
+                 sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";
+    let embedded = GOOD.replace("sinks:\n", "transport:\n  type: embedded\n  transaction_metadata: true\nsinks:\n");
+    let cases = [
+        (
+            mongo.to_string(),
+            "bad.yaml:9:25: transport.transaction_metadata: applies to PostgreSQL sources only",
+            "fix: remove it; a MongoDB source publishes no transaction boundaries",
+        ),
+        (
+            embedded,
+            "bad.yaml:8:25: transport.transaction_metadata: applies to a kafka transport only",
+            "fix: remove it, or set `type: kafka`",
+        ),
+    ];
+    refused_with_fixes(dir.path(), &cases);
+}
+
+#[test]
 fn a_kafka_source_validates_and_its_mistakes_are_named_with_their_fix() {
     let dir = tempfile::tempdir().unwrap();
     let out = sluice(&["validate", write(dir.path(), KAFKA_SOURCE).to_str().unwrap()], dir.path());

@@ -554,3 +554,102 @@ async fn a_mongodb_collection_lands_as_the_mongodb_connectors_envelope() {
     let rows = support::lake::changelog(&m.lake_dir(), &format!("{}.orders", m.name));
     assert_eq!(support::mongo::lake_documents(&rows), m.documents("orders").await);
 }
+
+/// `transaction_metadata: true`: each transaction has a BEGIN and an END in `PREFIX.transaction`
+/// (the END counting its changes per table), and each change's envelope carries its place in
+/// its transaction; snapshot reads belong to none. The last transaction ends without another
+/// one following it.
+#[tokio::test]
+async fn transactions_are_bounded_in_the_transaction_topic() {
+    let src = TestDb::new("kt_txmeta").await;
+    src.client
+        .batch_execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text);
+             CREATE TABLE notes (id bigint PRIMARY KEY, body text);
+             INSERT INTO items VALUES (1, 'one');",
+        )
+        .await
+        .unwrap();
+    let data = src.dir.path().join("data");
+    let sink = format!("  - name: lake\n    type: parquet\n    url: file://{}/\n", src.lake_dir().display());
+    let file = kafka_pipeline(&src, &["public.items", "public.notes"], BROKER, 2, &data, &sink);
+    let yaml =
+        std::fs::read_to_string(&file).unwrap().replace("  producer:", "  transaction_metadata: true\n  producer:");
+    std::fs::write(&file, yaml).unwrap();
+    run_until_idle(&file);
+    src.client
+        .batch_execute(
+            "BEGIN; INSERT INTO items VALUES (2, 'two'), (3, 'three'); INSERT INTO notes VALUES (1, 'n'); COMMIT;
+             UPDATE items SET name = 'uno' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    run_until_idle(&file);
+
+    let prefix = src.pipeline();
+    let markers: Vec<serde_json::Value> = kcat_records(&format!("{prefix}.transaction"), BROKER)
+        .into_iter()
+        .map(|(partition, key, value)| {
+            let value = value.unwrap();
+            assert_eq!(partition, 0);
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&key).unwrap()["id"], value["id"]);
+            value
+        })
+        .collect();
+    let shape: Vec<(String, serde_json::Value, serde_json::Value)> = markers
+        .iter()
+        .map(|m| (m["status"].as_str().unwrap().to_string(), m["event_count"].clone(), m["data_collections"].clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("BEGIN".into(), serde_json::Value::Null, serde_json::Value::Null),
+            (
+                "END".into(),
+                serde_json::json!(3),
+                serde_json::json!([{"data_collection": "public.items", "event_count": 2},
+                                   {"data_collection": "public.notes", "event_count": 1}])
+            ),
+            ("BEGIN".into(), serde_json::Value::Null, serde_json::Value::Null),
+            (
+                "END".into(),
+                serde_json::json!(1),
+                serde_json::json!([{"data_collection": "public.items", "event_count": 1}])
+            ),
+        ]
+    );
+    let (first, second) = (markers[0]["id"].as_str().unwrap(), markers[2]["id"].as_str().unwrap());
+    assert_ne!(first, second);
+    assert_eq!(markers[1]["id"], markers[0]["id"]);
+
+    let changes = |table: &str| -> BTreeMap<String, Vec<serde_json::Value>> {
+        let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for (_, key, value) in kcat_records(&format!("{prefix}.public.{table}"), BROKER) {
+            out.entry(key).or_default().push(value.unwrap());
+        }
+        out
+    };
+    let items = changes("items");
+    let notes = changes("notes");
+    let block = |v: &serde_json::Value| v["transaction"].clone();
+    assert_eq!(block(&items[r#"{"id":1}"#][0]), serde_json::Value::Null, "a snapshot read");
+    assert_eq!(
+        block(&items[r#"{"id":2}"#][0]),
+        serde_json::json!({"id": first, "total_order": 1, "data_collection_order": 1})
+    );
+    assert_eq!(
+        block(&items[r#"{"id":3}"#][0]),
+        serde_json::json!({"id": first, "total_order": 2, "data_collection_order": 2})
+    );
+    assert_eq!(
+        block(&notes[r#"{"id":1}"#][0]),
+        serde_json::json!({"id": first, "total_order": 3, "data_collection_order": 1})
+    );
+    assert_eq!(
+        block(&items[r#"{"id":1}"#][1]),
+        serde_json::json!({"id": second, "total_order": 1, "data_collection_order": 1})
+    );
+    let tx_id = items[r#"{"id":2}"#][0]["source"]["txId"].as_i64().unwrap();
+    let lsn = items[r#"{"id":2}"#][0]["source"]["lsn"].as_i64().unwrap();
+    assert_eq!(first, format!("{tx_id}:{lsn}"));
+}

@@ -10,6 +10,7 @@
 //! JSON text and `updateDescription`. With `schemas: true` each key and value is wrapped as
 //! `{"schema": ..., "payload": ...}`, as Kafka Connect's JsonConverter writes it.
 
+use super::transactions::TxOrder;
 use crate::event::{ChangeEvent, ColumnType, Interval, Op, Phase, TableSchema, Value};
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat};
@@ -77,6 +78,12 @@ impl EnvelopeWriter {
 
     /// The record value. `now_ms` is Debezium's envelope `ts_ms`, the time sluice handled it.
     pub fn value(&self, schema: &TableSchema, event: &ChangeEvent, now_ms: i64) -> Vec<u8> {
+        self.value_in(schema, event, now_ms, None)
+    }
+
+    /// The record value with the change's place in its transaction (PostgreSQL, with
+    /// transaction metadata on); `None` writes `"transaction": null`.
+    pub fn value_in(&self, schema: &TableSchema, event: &ChangeEvent, now_ms: i64, tx: Option<&TxOrder>) -> Vec<u8> {
         let mut out = String::with_capacity(256);
         if self.schemas {
             out.push_str("{\"schema\":");
@@ -107,7 +114,18 @@ impl EnvelopeWriter {
         self.source(&mut out, event);
         let _ = write!(out, ",\"op\":\"{}\",\"ts_ms\":{now_ms}", op_code(event.op));
         if self.flavor == Flavor::Postgres {
-            out.push_str(",\"transaction\":null");
+            match tx {
+                Some(tx) => {
+                    out.push_str(",\"transaction\":{\"id\":");
+                    json_str(&mut out, &tx.id);
+                    let _ = write!(
+                        out,
+                        ",\"total_order\":{},\"data_collection_order\":{}}}",
+                        tx.total_order, tx.data_collection_order
+                    );
+                }
+                None => out.push_str(",\"transaction\":null"),
+            }
         }
         out.push('}');
         if self.schemas {

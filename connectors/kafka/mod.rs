@@ -13,6 +13,7 @@ pub mod envelope;
 mod feed;
 mod publisher;
 mod topics;
+mod transactions;
 
 pub use feed::{FeedHandle, KafkaFeed};
 pub use publisher::{AckGate, KafkaPublisher, PUBLISHER};

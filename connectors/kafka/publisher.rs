@@ -2,8 +2,9 @@
 //! watermark: an offset counts only when it and every offset before it have a successful
 //! delivery report.
 
-use super::envelope::EnvelopeWriter;
+use super::envelope::{EnvelopeWriter, Flavor};
 use super::topics::Topics;
+use super::transactions::{Marker, TransactionTracker, TxOrder};
 use super::{classify, client_config, EVENT_HEADER, SCHEMA_HEADER};
 use crate::config::KafkaTransportConfig;
 use crate::error::{Error, Result};
@@ -35,6 +36,8 @@ struct GateState {
     /// (log head, source position acknowledgeable once the head is delivered), rising.
     pending: VecDeque<(u64, u64)>,
     delivered: u64,
+    /// The newest (log head, source position) committed, delivered or not.
+    latest: (u64, u64),
 }
 
 impl Default for AckGate {
@@ -49,7 +52,14 @@ impl AckGate {
     pub fn committed(&self, head: u64, position: u64) {
         let mut s = self.inner.lock().expect("ack gate lock");
         s.pending.push_back((head, position));
+        s.latest = (head, position);
         self.release(&mut s);
+    }
+
+    /// The newest (log head, source position) the source committed: once everything up to
+    /// that head is published, every change at or before the position is.
+    pub fn latest(&self) -> (u64, u64) {
+        self.inner.lock().expect("ack gate lock").latest
     }
 
     /// Everything up to `offset` is in Kafka.
@@ -124,6 +134,19 @@ pub struct KafkaPublisher {
     produced: u64,
     /// Debezium's heartbeat topic, and when the last beat went out.
     heartbeat: Heartbeat,
+    /// The newest log offset produced (delivered or not).
+    produced_offset: u64,
+    /// With `transaction_metadata` (PostgreSQL): the transaction topic and where the
+    /// publisher is in the stream of transactions.
+    transactions: Option<Transactions>,
+}
+
+struct Transactions {
+    topic: String,
+    tracker: TransactionTracker,
+    /// What each record not yet delivered was given (markers before it, its place), so a
+    /// record sent again after a failed delivery is sent exactly as the first time.
+    placed: HashMap<u64, (Vec<Marker>, Option<TxOrder>)>,
 }
 
 /// A record in `__debezium-heartbeat.PREFIX` every interval, as Debezium's connectors write it
@@ -159,6 +182,15 @@ impl KafkaPublisher {
         let topics = Topics::new(cfg)?;
         let heartbeat_topic = Topics::heartbeat_topic(&cfg.topic_prefix);
         topics.create(&heartbeat_topic, 1).await?;
+        let transactions = match cfg.transaction_metadata && envelope.flavor == Flavor::Postgres {
+            true => {
+                let topic = Topics::transaction_topic(&cfg.topic_prefix);
+                // One partition: BEGIN and END of every transaction in commit order.
+                topics.create(&topic, 1).await?;
+                Some(Transactions { topic, tracker: TransactionTracker::new(cfg.schemas), placed: HashMap::new() })
+            }
+            false => None,
+        };
         Ok(Self {
             producer,
             config: c,
@@ -177,6 +209,8 @@ impl KafkaPublisher {
                 every: cfg.heartbeat,
                 last: None,
             },
+            produced_offset: cursor,
+            transactions,
         })
     }
 
@@ -207,6 +241,29 @@ impl KafkaPublisher {
         hb.last = Some(std::time::Instant::now());
     }
 
+    /// Publishes the END of the open transaction once the source has committed past it and
+    /// every change it committed is produced (nothing follows it to end it otherwise).
+    async fn end_finished_transaction(&mut self) -> Result<()> {
+        let (head, position) = self.gate.latest();
+        let Some(t) = self.transactions.as_ref() else { return Ok(()) };
+        if !self.unsent.is_empty() || self.produced_offset < head {
+            return Ok(());
+        }
+        let Some(end) = t.tracker.end_if_past(position) else { return Ok(()) };
+        let record: FutureRecord<'_, str, str> =
+            FutureRecord::to(&t.topic).key(end.key.as_str()).payload(end.value.as_str());
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| classify("kafka produce", e))?;
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(classify("kafka produce", e)),
+            Err(_) => return Err(classify("kafka produce", KafkaError::Canceled)),
+        }
+        if let Some(t) = self.transactions.as_mut() {
+            t.tracker.ended();
+        }
+        Ok(())
+    }
+
     /// Produces every unsent record, in order.
     async fn send_unsent(&mut self) -> Result<()> {
         while let Some(record) = self.unsent.pop_front() {
@@ -232,7 +289,11 @@ impl KafkaPublisher {
         let (schema, schema_bytes) = self.schema(event.schema_id).await?;
         let (topic, partitions) = self.topics.ensure(&event.table).await?;
         let key = self.envelope.key(&schema, event);
-        let value = self.envelope.value(&schema, event, chrono::Utc::now().timestamp_millis());
+        let (markers, order) = match self.transactions.as_mut() {
+            Some(t) => t.placed.entry(record.offset).or_insert_with(|| t.tracker.next(event)).clone(),
+            None => (Vec::new(), None),
+        };
+        let value = self.envelope.value_in(&schema, event, chrono::Utc::now().timestamp_millis(), order.as_ref());
         let encoded = postcard::to_allocvec(event.as_ref())?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: EVENT_HEADER, value: Some(encoded.as_slice()) })
@@ -240,7 +301,15 @@ impl KafkaPublisher {
         // A truncate has no key, and every key's partition must see it in order.
         let targets: Vec<Option<i32>> =
             if event.op == Op::Truncate { (0..partitions).map(Some).collect() } else { vec![None] };
-        let mut deliveries = Vec::with_capacity(targets.len() + 1);
+        let mut deliveries = Vec::with_capacity(targets.len() + markers.len() + 1);
+        if let Some(t) = &self.transactions {
+            let topic = t.topic.clone();
+            for m in &markers {
+                deliveries.push(
+                    self.send(&topic, Some(m.key.as_bytes()), Some(m.value.as_bytes()), None, None, record).await?,
+                );
+            }
+        }
         for partition in targets {
             deliveries
                 .push(self.send(&topic, key.as_deref(), Some(&value), Some(headers.clone()), partition, record).await?);
@@ -250,6 +319,7 @@ impl KafkaPublisher {
             deliveries.push(self.send(&topic, key.as_deref(), None, None, None, record).await?);
         }
         self.produced += 1;
+        self.produced_offset = self.produced_offset.max(record.offset);
         Ok(deliveries)
     }
 
@@ -356,6 +426,9 @@ impl KafkaPublisher {
         }
         let done = self.in_flight.pop_front().expect("front exists");
         self.delivered = done.record.offset;
+        if let Some(t) = self.transactions.as_mut() {
+            t.placed.remove(&done.record.offset);
+        }
         Ok(true)
     }
 }
@@ -373,6 +446,7 @@ impl Sink for KafkaPublisher {
     async fn tick(&mut self, flush: bool) -> Result<Progress> {
         self.send_unsent().await?;
         self.beat();
+        self.end_finished_transaction().await?;
         if flush {
             self.producer.flush(std::time::Duration::from_secs(0)).ok();
         }

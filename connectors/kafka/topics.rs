@@ -48,6 +48,11 @@ impl Topics {
         sanitize(&format!("__debezium-heartbeat.{prefix}"))
     }
 
+    /// Debezium's transaction metadata topic for a prefix.
+    pub fn transaction_topic(prefix: &str) -> String {
+        sanitize(&format!("{prefix}.transaction"))
+    }
+
     /// The table's topic and its partition count, creating the topic if it does not exist.
     pub async fn ensure(&mut self, table: &TableId) -> Result<(Arc<str>, i32)> {
         if let Some(known) = self.known.get(table) {
@@ -117,5 +122,6 @@ mod tests {
         assert_eq!(Topics::name_of("shop", &TableId::new("public", "orders")), "shop.public.orders");
         assert_eq!(Topics::name_of("shop", &TableId::new("sales", "order lines$")), "shop.sales.order_lines_");
         assert_eq!(Topics::heartbeat_topic("shop"), "__debezium-heartbeat.shop");
+        assert_eq!(Topics::transaction_topic("shop"), "shop.transaction");
     }
 }

@@ -22,6 +22,7 @@ pub(super) fn reject_kafka_keys(cx: &Ctx, raw: &RawTransport) -> Result<(), Conf
         ("replication_factor", raw.replication_factor.as_ref().map(|s| s.referenced)),
         ("schemas", raw.schemas.as_ref().map(|s| s.referenced)),
         ("heartbeat", raw.heartbeat.as_ref().map(|s| s.referenced)),
+        ("transaction_metadata", raw.transaction_metadata.as_ref().map(|s| s.referenced)),
         ("security", raw.security.as_ref().map(|s| s.protocol.referenced)),
     ];
     for (key, at) in spans {
@@ -119,6 +120,7 @@ pub(super) fn kafka_transport(
         replication_factor,
         schemas: raw.schemas.map(|s| s.value).unwrap_or(false),
         heartbeat,
+        transaction_metadata: raw.transaction_metadata.map(|t| t.value).unwrap_or(false),
         compression,
         linger_ms,
         max_message_bytes,
@@ -298,6 +300,7 @@ pub(super) fn kafka_source(
         replication_factor: 1,
         schemas: false,
         heartbeat: Duration::from_secs(10),
+        transaction_metadata: false,
         compression: KafkaCompression::None,
         linger_ms: 0,
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,

@@ -243,6 +243,9 @@ pub struct KafkaTransportConfig {
     pub schemas: bool,
     /// How often the heartbeat topic gets a record, so consumers see the source is alive.
     pub heartbeat: Duration,
+    /// Debezium's `provide.transaction.metadata`: BEGIN/END records in `PREFIX.transaction`
+    /// and each change's place in its transaction in its envelope (PostgreSQL sources).
+    pub transaction_metadata: bool,
     pub compression: KafkaCompression,
     pub linger_ms: u32,
     /// Larger records are refused with the table and key named (librdkafka's `message.max.bytes`).

@@ -123,6 +123,8 @@ pub struct RawTransport {
     #[serde(default)]
     pub heartbeat: Option<Spanned<String>>,
     #[serde(default)]
+    pub transaction_metadata: Option<Spanned<bool>>,
+    #[serde(default)]
     pub producer: Option<RawKafkaProducer>,
     #[serde(default)]
     pub security: Option<RawKafkaSecurity>,

@@ -122,6 +122,15 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
                         }
                     }
                     TransportKind::Kafka => {
+                        if let Some(tm) =
+                            t.transaction_metadata.as_ref().filter(|t| t.value && kind == SourceKind::Mongodb)
+                        {
+                            return Err(cx.err(
+                                tm,
+                                "transport.transaction_metadata: applies to PostgreSQL sources only",
+                                "remove it; a MongoDB source publishes no transaction boundaries",
+                            ));
+                        }
                         TransportConfig::Kafka(super::kafka::kafka_transport(&cx, &name, t, default_path)?)
                     }
                 },
