@@ -7,6 +7,7 @@
 //!
 //!   cargo bench --bench mongo               (after scripts/services.sh)
 //!   SLUICE_BENCH_DOCS=20000 SLUICE_BENCH_CHANGES=20000 cargo bench --bench mongo
+//!   SLUICE_BENCH_NESTED=struct cargo bench --bench mongo     (the sink's `nested` layout; default json)
 //!
 //! No thresholds: the figures are printed, not asserted.
 
@@ -97,8 +98,10 @@ async fn main() {
         &file,
         format!(
             "name: bench_mongo\nsource:\n  type: mongodb\n  url: \"{url}\"\n  database: {DB}\n  collections: [orders]\n\
-             transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n",
+             transport:\n  type: embedded\n  path: {data}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n\
+             \x20   nested: {nested}\n",
             url = url(),
+            nested = std::env::var("SLUICE_BENCH_NESTED").unwrap_or_else(|_| "json".into()),
             data = work.path().join("data").display(),
             lake = work.path().join("lake").display(),
         ),
