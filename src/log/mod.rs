@@ -31,8 +31,8 @@ use tokio::sync::{watch, Notify};
 /// budget; the log is read mostly once, front to back, so a small cache loses little.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Memory for the newest events, which sinks that keep up read without touching the disk:
-/// several snapshot chunks.
-const RECENT_BYTES: usize = 64 * 1024 * 1024;
+/// a few snapshot chunks (a backfill holds at most three pieces of about 6 MiB in flight).
+const RECENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// Segments of events, keyed by the offset of their last event (see `batch::Segment`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
