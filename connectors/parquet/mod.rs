@@ -295,7 +295,11 @@ fn encode(f: &mut OpenFile, nested: NestedLayout) -> Result<Encoded> {
             .map(|v| v.as_ref().map(|v| v.iter().flatten().fold(Shape::Null, |acc, b| acc.unify(Shape::of(b)))))
             .collect();
         if f.writer.is_none() {
-            f.shapes = shapes;
+            // A file split off its predecessor starts with the union of both files' shapes
+            // (which holds these rows), so alternating documents do not split every batch.
+            if f.shapes.is_empty() {
+                f.shapes = shapes;
+            }
             f.arrow = nested_schema(&f.arrow, &f.shapes);
         } else if !f.shapes.iter().zip(&shapes).all(|(have, new)| match (have, new) {
             (Some(have), Some(new)) => have.holds(new),
