@@ -68,6 +68,12 @@ impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // The consumer's destructor runs this too, and it may run on a runtime thread (when the
+        // feed lets go of the consumer after the polling thread): blocking there panics inside
+        // the destructor and the process never stops. The feed has committed by then.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
         if let Rebalance::Revoke(list) = rebalance {
             let parts = partitions(list);
             if parts.is_empty() {
@@ -407,4 +413,26 @@ fn decode(
         )
     };
     Ok(Some(Box::new((postcard::from_bytes(event).map_err(bad)?, postcard::from_bytes(schema).map_err(bad)?))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The consumer's destructor runs the revoke callback on whichever thread lets go of it
+    /// last. On a runtime thread the callback must return instead of blocking: blocking there
+    /// panicked inside the destructor, and the process never stopped.
+    #[tokio::test]
+    async fn a_revoke_on_a_runtime_thread_returns_without_blocking() {
+        let (tx, _items) = mpsc::channel(1);
+        // Nothing listens there; creating a consumer does not connect.
+        let consumer: BaseConsumer<GroupContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "sluice-test")
+            .create_with_context(GroupContext { items: tx, sink: "lake".into() })
+            .unwrap();
+        let mut revoked = TopicPartitionList::new();
+        revoked.add_partition("shop.public.orders", 0);
+        consumer.context().pre_rebalance(&consumer, &Rebalance::Revoke(&revoked));
+    }
 }
