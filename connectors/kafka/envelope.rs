@@ -320,7 +320,8 @@ fn json_text(value: Option<&Value>) -> Option<&str> {
     }
 }
 
-fn json_str(out: &mut String, s: &str) {
+/// Writes `s` as a JSON string literal.
+pub(super) fn json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).expect("a string serializes"));
 }
 

@@ -14,6 +14,7 @@ use crate::runtime::sink::{Progress, Sink};
 use futures::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -244,8 +245,8 @@ impl KafkaPublisher {
     /// Publishes the END of the open transaction once the source has committed past it and
     /// every change it committed is produced (nothing follows it to end it otherwise).
     async fn end_finished_transaction(&mut self) -> Result<()> {
-        let (head, position) = self.gate.latest();
         let Some(t) = self.transactions.as_ref() else { return Ok(()) };
+        let (head, position) = self.gate.latest();
         if !self.unsent.is_empty() || self.produced_offset < head {
             return Ok(());
         }
@@ -253,10 +254,8 @@ impl KafkaPublisher {
         let record: FutureRecord<'_, str, str> =
             FutureRecord::to(&t.topic).key(end.key.as_str()).payload(end.value.as_str());
         let delivery = self.producer.send_result(record).map_err(|(e, _)| classify("kafka produce", e))?;
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(classify("kafka produce", e)),
-            Err(_) => return Err(classify("kafka produce", KafkaError::Canceled)),
+        if let Some(e) = failure(delivery.await) {
+            return Err(classify("kafka produce", e));
         }
         if let Some(t) = self.transactions.as_mut() {
             t.tracker.ended();
@@ -405,18 +404,16 @@ impl KafkaPublisher {
     /// every later one again, after all of them have settled, so nothing is in flight twice.
     async fn settle_front(&mut self, wait: bool) -> Result<bool> {
         let Some(front) = self.in_flight.front_mut() else { return Ok(false) };
-        let mut failure: Option<KafkaError> = None;
+        let mut error: Option<KafkaError> = None;
         while let Some(delivery) = front.deliveries.first_mut() {
             let outcome = if wait { Some(delivery.await) } else { delivery.now_or_never() };
             let Some(outcome) = outcome else { return Ok(false) };
             front.deliveries.remove(0);
-            match outcome {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failure = Some(e),
-                Err(_) => failure = Some(KafkaError::Canceled),
+            if let Some(e) = failure(outcome) {
+                error = Some(e);
             }
         }
-        if let Some(e) = failure {
+        if let Some(e) = error {
             let e = self.refused(e, &self.in_flight[0].record);
             if !e.is_retryable() {
                 return Err(e);
@@ -430,6 +427,18 @@ impl KafkaPublisher {
             t.placed.remove(&done.record.offset);
         }
         Ok(true)
+    }
+}
+
+/// The error of a delivery report, if the delivery failed (a report that never came is
+/// `Canceled`).
+fn failure(
+    outcome: std::result::Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Option<KafkaError> {
+    match outcome {
+        Ok(Ok(_)) => None,
+        Ok(Err((e, _))) => Some(e),
+        Err(_) => Some(KafkaError::Canceled),
     }
 }
 

@@ -7,6 +7,7 @@
 //! nothing follows, once the source has committed a position past it (every change of it is
 //! then in the log and published).
 
+use super::envelope::json_str;
 use crate::event::{ChangeEvent, Phase};
 use std::fmt::Write as _;
 
@@ -112,16 +113,20 @@ impl TransactionTracker {
     }
 
     fn marker(&self, open: &OpenTx, status: &str) -> Marker {
-        let id = serde_json::to_string(&open.id).expect("a string serializes");
+        let mut id = String::with_capacity(open.id.len() + 2);
+        json_str(&mut id, &open.id);
         let mut value = format!("{{\"status\":\"{status}\",\"id\":{id},\"ts_ms\":{},", open.commit_ms);
         if status == "BEGIN" {
             value.push_str("\"event_count\":null,\"data_collections\":null}");
         } else {
             let _ = write!(value, "\"event_count\":{},\"data_collections\":[", open.events);
             for (i, (collection, n)) in open.collections.iter().enumerate() {
-                let sep = if i > 0 { "," } else { "" };
-                let name = serde_json::to_string(collection).expect("a string serializes");
-                let _ = write!(value, "{sep}{{\"data_collection\":{name},\"event_count\":{n}}}");
+                if i > 0 {
+                    value.push(',');
+                }
+                value.push_str("{\"data_collection\":");
+                json_str(&mut value, collection);
+                let _ = write!(value, ",\"event_count\":{n}}}");
             }
             value.push_str("]}");
         }
