@@ -449,3 +449,69 @@ async fn a_field_version_guard_keeps_the_newer_record() {
         vec![row("1", "newer", "p", "2026-07-01 00:00:00+00"), row("2", "b2", "p", "2026-06-01 00:00:00+00")]
     );
 }
+
+/// The position guard's law, tombstones included: changes to a key applied in any order, some
+/// twice, leave what applying them in position order leaves. The newest change wins, and a
+/// delete stays a delete against every older upsert. A member that lost its Kafka partitions
+/// while its sink was still writing them produces exactly such orders.
+#[tokio::test]
+async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
+    use rand::seq::SliceRandom;
+    use sluice::config::VersionGuard;
+    use sluice::connectors::pgsink::target::{Fields, Row, Target};
+    use sluice::event::{Position, TableId};
+
+    let mut dst = TestDb::new("tombstones").await;
+    dst.client.batch_execute("CREATE TABLE kv (id int PRIMARY KEY, val text, _sluice_version text)").await.unwrap();
+    let guard = VersionGuard::Position { column: "_sluice_version".into() };
+    let kv = TableId::new("public", "kv");
+    let target = Target::introspect(&dst.client, &kv, &["id".into()], &["val".into()], &guard, false).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(seed());
+    for round in 0..12 {
+        dst.client.batch_execute("TRUNCATE kv, sluice_tombstones").await.unwrap();
+        // 40 changes over 5 keys, in position order; `None` is a delete.
+        let changes: Vec<(i32, Position, Option<String>)> = (0..40u64)
+            .map(|i| {
+                let id = rng.random_range(1..=5);
+                let val = rng.random_bool(0.6).then(|| format!("v{i}"));
+                (id, Position::change(100 + i, 0), val)
+            })
+            .collect();
+        let mut order = changes.clone();
+        order.extend((0..10).map(|_| changes[rng.random_range(0..changes.len())].clone()));
+        order.shuffle(&mut rng);
+        for (id, position, val) in &order {
+            let row = Row {
+                key: vec![Some(id.to_string())],
+                fields: val.iter().map(|v| Some(v.clone())).collect(),
+                version: Some(position.to_string()),
+            };
+            let mut tx = dst.client.transaction().await.unwrap();
+            let refused = match val {
+                Some(_) => target.upsert(&mut tx, &[row], Fields::All).await.unwrap(),
+                None => target.delete(&mut tx, &[row]).await.unwrap(),
+            };
+            assert!(refused.is_empty(), "{refused:?}");
+            tx.commit().await.unwrap();
+        }
+        // The newest change of each key decides.
+        let mut newest = std::collections::BTreeMap::new();
+        for (id, position, val) in &changes {
+            newest.insert(*id, (position.to_string(), val.clone()));
+        }
+        let want: Vec<Vec<Option<String>>> = newest
+            .iter()
+            .filter_map(|(id, (p, v))| v.as_ref().map(|v| vec![Some(id.to_string()), Some(v.clone()), Some(p.clone())]))
+            .collect();
+        let got = dst.rows("SELECT id, val, _sluice_version FROM kv ORDER BY id").await;
+        assert_eq!(got, want, "round {round}, applied in the order {order:?}");
+        // Tombstones are kept for the keys that are deleted now, at their delete's position.
+        let buried: Vec<Vec<Option<String>>> = newest
+            .iter()
+            .filter(|(_, (_, v))| v.is_none())
+            .map(|(id, (p, _))| vec![Some(format!("{{{id}}}")), Some(p.clone())])
+            .collect();
+        let tombstones = dst.rows("SELECT key::text, version FROM sluice_tombstones ORDER BY key[1]::int").await;
+        assert_eq!(tombstones, buried, "round {round}");
+    }
+}

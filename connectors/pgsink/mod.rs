@@ -4,6 +4,7 @@
 
 pub mod queue;
 pub mod target;
+mod tombstones;
 pub mod writer;
 
 use crate::config::{PgConnection, PostgresSinkConfig};

@@ -5,6 +5,7 @@
 //! trip, PostgreSQL does every type conversion (an exact numeric stays exact), and a value the
 //! type refuses is the server's error, with the server's message, for that record.
 
+use super::tombstones::Tombstones;
 use crate::config::VersionGuard;
 use crate::connectors::postgres::client::{qualified, query_error, quote_ident};
 use crate::error::{Error, Result};
@@ -63,6 +64,8 @@ pub struct Target {
     types: HashMap<String, String>,
     version: VersionGuard,
     has_hash: bool,
+    /// Kept under the position guard, so a change older than a delete cannot undo it.
+    tombstones: Option<Tombstones>,
 }
 
 impl Target {
@@ -140,6 +143,10 @@ impl Target {
             )));
         }
         let has_hash = !missing(HASH_COLUMN);
+        let tombstones = match version {
+            VersionGuard::Position { .. } => Some(Tombstones::ensure(client, table, key.len()).await?),
+            _ => None,
+        };
         Ok(Self {
             table: table.clone(),
             key: key.to_vec(),
@@ -147,6 +154,7 @@ impl Target {
             types,
             version: version.clone(),
             has_hash,
+            tombstones,
         })
     }
 
@@ -308,8 +316,12 @@ impl Target {
                 if guard.is_empty() { "true".into() } else { guard.join(" AND ") }
             )
         };
+        let (with, unburied) = match &self.tombstones {
+            Some(t) => (format!("WITH cleared AS ({}) ", t.clear(&u.from())), format!(" WHERE {}", t.unburied())),
+            None => (String::new(), String::new()),
+        };
         format!(
-            "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
+            "{with}INSERT INTO {} AS t ({}) SELECT {} FROM {}{unburied} ON CONFLICT ({}) {action}",
             qualified(&self.table),
             columns.join(", "),
             values.join(", "),
@@ -345,12 +357,25 @@ impl Target {
     }
 
     fn delete_sql(&self) -> String {
-        let (mut u, mut on) = self.key_unnest(Unnest::default());
-        if let VersionGuard::Position { column } = &self.version {
-            u.column("v", "text");
-            on.push(format!("(t.{0} IS NULL OR t.{0} < u.v)", quote_ident(column)));
-        }
-        format!("DELETE FROM {} AS t USING {} WHERE {}", qualified(&self.table), u.from(), on.join(" AND "))
+        let (mut u, keys) = self.key_unnest(Unnest::default());
+        let table = qualified(&self.table);
+        let VersionGuard::Position { column } = &self.version else {
+            return format!("DELETE FROM {table} AS t USING {} WHERE {}", u.from(), keys.join(" AND "));
+        };
+        u.column("v", "text");
+        let column = quote_ident(column);
+        let on = format!("{} AND (t.{column} IS NULL OR t.{column} < u.v)", keys.join(" AND "));
+        let Some(tombstones) = &self.tombstones else {
+            return format!("DELETE FROM {table} AS t USING {} WHERE {on}", u.from());
+        };
+        // Both parts see the table as it was: a tombstone is recorded unless the record holds
+        // this version or a newer one (then the delete is stale and the record guards itself).
+        let stale = format!("EXISTS (SELECT 1 FROM {table} AS t WHERE {} AND t.{column} >= u.v)", keys.join(" AND "));
+        format!(
+            "WITH u AS (SELECT * FROM {}), deleted AS (DELETE FROM {table} AS t USING u WHERE {on}) {}",
+            u.from(),
+            tombstones.record(&format!("NOT {stale}"))
+        )
     }
 
     async fn run_delete(&self, tx: &Transaction<'_>, sql: &str, rows: &[Row]) -> Result<(), tokio_postgres::Error> {

@@ -1,0 +1,94 @@
+//! Versions of deleted records, so a delete stays a delete against older changes.
+//!
+//! The position guard compares a change with the version the record holds. A deleted record
+//! holds nothing, so without a tombstone an older upsert arriving after the delete (a member
+//! that lost its Kafka partitions while its sink was still writing them, or any replay out of
+//! order) would bring the record back. With tombstones every key behaves as one register whose
+//! version is the newest change applied to it, whatever order the changes arrive in:
+//! - a delete removes the record if older and raises the key's tombstone to its version;
+//! - an upsert is skipped when the key's tombstone is at or above its version, and clears
+//!   tombstones below it, so the table holds only keys that are deleted now.
+
+use crate::connectors::postgres::client::{query_error, quote_ident, quote_literal};
+use crate::error::{Error, Result};
+use crate::event::TableId;
+use tokio_postgres::Client;
+
+/// The tombstone table's name, created in the target table's schema.
+pub const TABLE: &str = "sluice_tombstones";
+
+/// The tombstones of one target table (shared by every sink that writes it).
+#[derive(Debug, Clone)]
+pub struct Tombstones {
+    /// `"schema".sluice_tombstones`.
+    table: String,
+    /// The target table's name as a SQL literal: the tombstones of one target.
+    target: String,
+    /// Key columns, as `k0`, `k1` ... of the statement's `unnest` rows.
+    key_columns: usize,
+}
+
+impl Tombstones {
+    /// Creates the tombstone table next to `target` unless it exists.
+    pub async fn ensure(client: &Client, target: &TableId, key_columns: usize) -> Result<Self> {
+        let table = format!("{}.{}", quote_ident(&target.schema), quote_ident(TABLE));
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {table} (target text NOT NULL, key text[] NOT NULL, \
+             version text NOT NULL, PRIMARY KEY (target, key))"
+        );
+        if let Err(e) = client.batch_execute(&ddl).await {
+            // Two sinks starting at once may race to create it; only its absence matters.
+            let exists: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .map_err(|e| query_error("tombstone table", e))?
+                .get(0);
+            if !exists {
+                let reason = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
+                return Err(Error::config(format!(
+                    "cannot create {table}, which the version guard keeps deleted keys in ({reason}); \
+                     create it as a user who may: {ddl}"
+                )));
+            }
+        }
+        Ok(Self { table, target: quote_literal(&format!("{}.{}", target.schema, target.name)), key_columns })
+    }
+
+    /// The key of an `unnest` row `u` as the tombstone's key.
+    fn key(&self) -> String {
+        let parts: Vec<String> = (0..self.key_columns).map(|i| format!("u.k{i}")).collect();
+        format!("ARRAY[{}]::text[]", parts.join(", "))
+    }
+
+    /// A condition on `unnest` row `u` (with version `u.v`): no delete at or after it.
+    pub fn unburied(&self) -> String {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM {} AS x WHERE x.target = {} AND x.key = {} AND x.version >= u.v)",
+            self.table,
+            self.target,
+            self.key()
+        )
+    }
+
+    /// A statement removing the tombstones older than the rows of `unnest` (`from`).
+    pub fn clear(&self, from: &str) -> String {
+        format!(
+            "DELETE FROM {} AS x USING {from} WHERE x.target = {} AND x.key = {} AND x.version < u.v",
+            self.table,
+            self.target,
+            self.key()
+        )
+    }
+
+    /// A statement recording the rows of CTE `u` for which `condition` holds as tombstones,
+    /// keeping the newest version of each.
+    pub fn record(&self, condition: &str) -> String {
+        format!(
+            "INSERT INTO {} AS x (target, key, version) SELECT {}, {}, u.v FROM u WHERE {condition} \
+             ON CONFLICT (target, key) DO UPDATE SET version = EXCLUDED.version WHERE x.version < EXCLUDED.version",
+            self.table,
+            self.target,
+            self.key()
+        )
+    }
+}
