@@ -180,11 +180,25 @@ async fn main() {
     while reader.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
         reader.poll(Duration::from_millis(100));
     }
+    // Timed writes start once sluice streams: a change made while it is still starting waits
+    // for its start-up, which is not commit-to-readable latency. One row at a time until one
+    // is read back (a row written before the reader has resolved `latest` is never seen).
+    let mut first_timed = changes + 1;
+    'warm: loop {
+        insert(&db, first_timed, 1).await;
+        first_timed += 1;
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            if let Some(Ok(_)) = reader.poll(Duration::from_millis(100)) {
+                break 'warm;
+            }
+        }
+    }
     let per_batch = rate / 100;
     let total = per_batch * 100 * seconds;
     let writer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let mut next = changes + 1;
+        let mut next = first_timed;
         for _ in 0..(100 * seconds) {
             tick.tick().await;
             insert(&db, next, per_batch).await;
@@ -198,6 +212,9 @@ async fn main() {
             let now_ms = chrono::Utc::now().timestamp_millis();
             let Some(payload) = m.payload() else { continue };
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            if v["after"]["id"].as_i64().is_some_and(|id| id < first_timed as i64) {
+                continue;
+            }
             latencies.push(now_ms - v["source"]["ts_ms"].as_i64().unwrap());
         }
     }

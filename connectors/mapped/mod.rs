@@ -137,7 +137,7 @@ impl<C: Connect> MappedSink<C> {
             name: name.to_string(),
             dead: EntryStore::dead_letters(log.dir(), name),
             mapper: Mapper::new(mapping),
-            horizon: log.head(),
+            horizon: log.replay_horizon(),
             table,
             limits,
             connector,

@@ -54,6 +54,9 @@ pub struct EmbeddedLog {
     recent: Arc<Mutex<RecentEvents>>,
     /// Woken whenever a reader is handed records, for writers pacing themselves to readers.
     reads: Arc<Notify>,
+    /// Any event may be a replay of one a target already has, not only those from before
+    /// this process (a sink's Kafka buffer: another member may have written it).
+    replays_anywhere: bool,
 }
 
 /// One event read back from the log.
@@ -69,6 +72,15 @@ pub struct LogRecord {
 impl EmbeddedLog {
     /// Opens (creating if needed) the log in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens a log whose every event may be a replay (see [`EmbeddedLog::replay_horizon`]).
+    pub fn open_replaying(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    fn open_with(dir: &Path, replays_anywhere: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let file = dir.join("log.redb");
         let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(&file).map_err(|e| match e {
@@ -99,7 +111,14 @@ impl EmbeddedLog {
         };
         let (head, _) = watch::channel(head);
         let recent = Arc::new(Mutex::new(RecentEvents::new(RECENT_BYTES)));
-        Ok(Self { db: Arc::new(db), path: dir.to_path_buf(), head, recent, reads: Arc::new(Notify::new()) })
+        Ok(Self {
+            db: Arc::new(db),
+            path: dir.to_path_buf(),
+            head,
+            recent,
+            reads: Arc::new(Notify::new()),
+            replays_anywhere,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -109,6 +128,17 @@ impl EmbeddedLog {
     /// The offset of the newest durable event.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// Offsets at or below this may hold changes a target already has: the head when a sink
+    /// starts (an earlier run may have written up to it), or every offset of a log that
+    /// replays anywhere.
+    pub fn replay_horizon(&self) -> u64 {
+        if self.replays_anywhere {
+            u64::MAX
+        } else {
+            self.head()
+        }
     }
 
     /// Notifies on every commit that adds events.

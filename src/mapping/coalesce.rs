@@ -4,9 +4,10 @@
 //! then insert is an upsert. Insert then delete is nothing — but only when the insert is known
 //! never to have reached the target. Delivery is at least once: after a crash the sink replays
 //! from its durable cursor, and the process that crashed may already have written that insert.
-//! Offsets at or below the *replay horizon* (the log head when this sink started) may have been
-//! written before, so there an insert then delete still deletes. Above the horizon nothing can
-//! have been sent, and the pair disappears.
+//! Offsets at or below the *replay horizon* (the log head when this sink started; every offset
+//! of a sink's Kafka buffer, where another member may have written any change before a
+//! rebalance) may have been written before, so there an insert then delete still deletes.
+//! Above the horizon nothing can have been sent, and the pair disappears.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -200,7 +200,8 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             };
             for cfg in &pipeline.sinks {
                 let name = cfg.name().to_string();
-                let buffer = EmbeddedLog::open(&pipeline.transport.sink_dir(&name))?;
+                // Another member may have written any buffered change before a rebalance.
+                let buffer = EmbeddedLog::open_replaying(&pipeline.transport.sink_dir(&name))?;
                 let cursor = buffer.cursor(&name).await?;
                 let state = buffer.sink_state(&name).await?;
                 let sink = build_sink(cfg, &pipeline.name, buffer.clone(), cursor, state, &shutdown).await?;
