@@ -3,7 +3,10 @@
 //!
 //! Prints changes/s from the slot into Kafka (the time until every change is readable), CPU
 //! seconds per million changes and peak RSS of sluice, the kcat rate, and the latency from
-//! source commit to readable in Kafka at a fixed rate.
+//! source commit to readable in Kafka at a fixed rate, split at the moment sluice produces,
+//! next to the broker's own send-to-acknowledged latency at that rate and the filesystem's
+//! fsync latency meanwhile. Then the consuming side's scale-out: one and two processes of a
+//! new group draining the topic into Parquet.
 //!
 //!   cargo bench --bench kafka               (after scripts/services.sh)
 //!   SLUICE_BENCH_CHANGES=50000 SLUICE_BENCH_RATE=5000 cargo bench --bench kafka
@@ -20,10 +23,13 @@ mod postgres;
 use measure::usage;
 use nix::sys::resource::UsageWho;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DB: &str = "sluice_bench_kafka";
@@ -33,12 +39,14 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn pipeline(dir: &Path, name: &str) -> std::path::PathBuf {
+/// A pipeline named `name` publishing to topics prefixed `prefix`, its data under `dir`.
+fn pipeline(dir: &Path, name: &str, prefix: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let yaml = format!(
         "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  \
          tables: [public.events]\n  snapshot: never\n  heartbeat: 1s\ntransport:\n  type: kafka\n  brokers: {BROKER}\n  \
-         topic_prefix: {name}\n  partitions: 4\n  path: {data}\n  producer: {{ compression: zstd, linger_ms: 5 }}\n\
-         sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n",
+         topic_prefix: {prefix}\n  partitions: 4\n  path: {data}\n  producer: {{ compression: zstd, linger_ms: 5 }}\n\
+         sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n    roll: {{ max_age: 1s }}\n",
         data = dir.join("data").display(),
         lake = dir.join("lake").display(),
     );
@@ -84,6 +92,56 @@ fn stop_sluice(mut child: std::process::Child) {
     child.wait().unwrap();
 }
 
+fn client(group: &str) -> BaseConsumer {
+    rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).set("group.id", group).create().unwrap()
+}
+
+/// Offsets the group has committed in `topic`, summed over its partitions: a sink's group
+/// commits only what the sink holds durable.
+fn committed(consumer: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let Ok(done) = consumer.committed_offsets(list, Duration::from_secs(5)) else { return 0 };
+    done.elements().iter().filter_map(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }).sum()
+}
+
+/// Scale-out: `processes` members of a fresh pipeline's group drain `topic` into their Parquet
+/// sinks; the time from their start until the group has committed every message, and their
+/// CPU seconds.
+async fn drain(work: &Path, prefix: &str, topic: &str, processes: usize, admin: &tokio_postgres::Client) -> (f64, f64) {
+    let name = format!("{prefix}_drain{processes}");
+    let probe = client(&format!("sluice.{name}.lake"));
+    let total = readable(&probe, topic);
+    let files: Vec<_> = (0..processes).map(|i| pipeline(&work.join(format!("{name}_{i}")), &name, prefix)).collect();
+    let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    let started = Instant::now();
+    let children: Vec<_> = files.iter().map(|f| start_sluice(f)).collect();
+    while committed(&probe, topic, 4) < total {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    children.into_iter().for_each(stop_sluice);
+    let (cpu1, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    drop_slot(admin, &format!("sluice_{name}")).await;
+    (total as f64 / took, cpu1 - cpu0)
+}
+
+/// Writes 4 KiB and fdatasyncs it every 20 ms until `stop`; the milliseconds each sync took.
+fn fsync_latencies(file: &Path, stop: &AtomicBool) -> Vec<i64> {
+    let mut f = std::fs::File::create(file).unwrap();
+    let mut took = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        f.write_all(&[b'x'; 4096]).unwrap();
+        let started = Instant::now();
+        f.sync_data().unwrap();
+        took.push(started.elapsed().as_millis() as i64);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    took
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -110,10 +168,9 @@ async fn main() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let name = format!("bench_kafka_{}", std::process::id());
-    let file = pipeline(dir.path(), &name);
+    let file = pipeline(dir.path(), &name, &name);
     let topic = format!("{name}.public.events");
-    let consumer: BaseConsumer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).set("group.id", &name).create().unwrap();
+    let consumer: BaseConsumer = client(&name);
 
     // The slot and the topic exist before the changes are made.
     measure::run_sluice(&file);
@@ -194,6 +251,13 @@ async fn main() {
             }
         }
     }
+    // The disk under this load: every change waits for one fsync of the log before it is
+    // produced, so the filesystem's own fsync latency meanwhile bounds the tail.
+    let probe_stop = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let (stop, file) = (probe_stop.clone(), dir.path().join("fsync-probe"));
+        std::thread::spawn(move || fsync_latencies(&file, &stop))
+    };
     let per_batch = rate / 100;
     let total = per_batch * 100 * seconds;
     let writer = tokio::spawn(async move {
@@ -206,6 +270,9 @@ async fn main() {
         }
     });
     let mut latencies = Vec::with_capacity(total);
+    // The two halves: commit to the envelope's `ts_ms` (sluice encodes it as it produces),
+    // and from then until the reader has it (producer batching, broker, fetch).
+    let (mut to_produce, mut to_read) = (Vec::with_capacity(total), Vec::with_capacity(total));
     let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 60);
     while latencies.len() < total && Instant::now() < deadline {
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
@@ -215,12 +282,19 @@ async fn main() {
             if v["after"]["id"].as_i64().is_some_and(|id| id < first_timed as i64) {
                 continue;
             }
-            latencies.push(now_ms - v["source"]["ts_ms"].as_i64().unwrap());
+            let (committed, produced) = (v["source"]["ts_ms"].as_i64().unwrap(), v["ts_ms"].as_i64().unwrap());
+            latencies.push(now_ms - committed);
+            to_produce.push(produced - committed);
+            to_read.push(now_ms - produced);
         }
     }
     writer.await.unwrap();
+    probe_stop.store(true, Ordering::Release);
+    let mut fsyncs = probe.join().unwrap();
     stop_sluice(child);
-    latencies.sort_unstable();
+    for part in [&mut latencies, &mut to_produce, &mut to_read, &mut fsyncs] {
+        part.sort_unstable();
+    }
     println!(
         "  {} changes read back: p50 {} ms, p99 {} ms, max {} ms (commit to readable, incl. the reader's fetch wait)",
         latencies.len(),
@@ -228,4 +302,86 @@ async fn main() {
         percentile(&latencies, 0.99),
         latencies.last().unwrap()
     );
+    println!(
+        "    of which commit to produced: p50 {} ms, p99 {} ms; produced to read: p50 {} ms, p99 {} ms",
+        percentile(&to_produce, 0.50),
+        percentile(&to_produce, 0.99),
+        percentile(&to_read, 0.50),
+        percentile(&to_read, 0.99)
+    );
+    println!(
+        "  fdatasync of 4 KiB on the same filesystem meanwhile (every 20 ms): p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&fsyncs, 0.50),
+        percentile(&fsyncs, 0.99),
+        fsyncs.last().unwrap()
+    );
+
+    // The broker's own latency at the same rate: an rdkafka producer with sluice's settings,
+    // from send to delivery report (acks=all), sample-sized messages.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("enable.idempotence", "true")
+        .set("compression.type", "zstd")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    // Connected, with its producer id, before the timed sends.
+    producer.send(FutureRecord::to(&kcat_topic).key("warm-up").payload(value), Duration::from_secs(30)).await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut acks = Vec::with_capacity(total);
+    for i in 0..(100 * seconds) {
+        tick.tick().await;
+        for j in 0..per_batch {
+            let k = format!("{{\"id\":{}}}", i * per_batch + j);
+            let sent = Instant::now();
+            let delivery = producer.send_result(FutureRecord::to(&kcat_topic).key(&k).payload(value)).unwrap();
+            acks.push(tokio::spawn(async move {
+                delivery.await.unwrap().unwrap();
+                sent.elapsed().as_millis() as i64
+            }));
+        }
+    }
+    let mut broker = Vec::with_capacity(total);
+    for a in acks {
+        broker.push(a.await.unwrap());
+    }
+    broker.sort_unstable();
+    println!(
+        "  the broker alone at {rate}/s (rdkafka producer, same settings): send to acknowledged p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&broker, 0.50),
+        percentile(&broker, 0.99),
+        broker.last().unwrap()
+    );
+
+    // Scale-out of the consuming side: the topic now holds every change above; one, then two
+    // processes of a new pipeline (its own group) read it into Parquet.
+    println!("scale-out: a new group drains the topic ({} messages) into Parquet", readable(&consumer, &topic));
+    for processes in [1, 2] {
+        let (rate, cpu) = drain(dir.path(), &name, &topic, processes, &admin).await;
+        println!(
+            "  {processes} process(es): {rate:.0} messages/s until the group committed all; CPU {:.1} s per million",
+            cpu / readable(&consumer, &topic) as f64 * 1e6
+        );
+    }
+    drop_slot(&admin, &format!("sluice_{name}")).await;
+}
+
+/// Drops a stopped pipeline's slot (an inactive slot would hold WAL), once its walsender is gone.
+async fn drop_slot(admin: &tokio_postgres::Client, slot: &str) {
+    for _ in 0..100 {
+        let active = admin
+            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, bool>(0));
+        match active {
+            None => return,
+            Some(false) => {
+                admin.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
+                return;
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("slot {slot} is still active after its process stopped");
 }
