@@ -451,9 +451,9 @@ async fn a_field_version_guard_keeps_the_newer_record() {
 }
 
 /// The position guard's law, tombstones included: changes to a key applied in any order, some
-/// twice, leave what applying them in position order leaves. The newest change wins, and a
-/// delete stays a delete against every older upsert. A member that lost its Kafka partitions
-/// while its sink was still writing them produces exactly such orders.
+/// twice, leave what applying them in position order leaves. The newest change wins, a delete
+/// stays a delete against every older upsert, and a truncate is a delete of every key. A member
+/// that lost its Kafka partitions while its sink was still writing them produces such orders.
 #[tokio::test]
 async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
     use rand::seq::SliceRandom;
@@ -461,43 +461,68 @@ async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
     use sluice::connectors::pgsink::target::{Fields, Row, Target};
     use sluice::event::{Position, TableId};
 
+    /// One source change: a key's upsert (`Some` value) or delete (`None`), or a truncate.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Key(i32, Option<String>),
+        Truncate,
+    }
+
     let mut dst = TestDb::new("tombstones").await;
     dst.client.batch_execute("CREATE TABLE kv (id int PRIMARY KEY, val text, _sluice_version text)").await.unwrap();
     let guard = VersionGuard::Position { column: "_sluice_version".into() };
     let kv = TableId::new("public", "kv");
     let target = Target::introspect(&dst.client, &kv, &["id".into()], &["val".into()], &guard, false).await.unwrap();
     let mut rng = StdRng::seed_from_u64(seed());
-    for round in 0..12 {
+    for round in 0..16 {
         dst.client.batch_execute("TRUNCATE kv, sluice_tombstones").await.unwrap();
-        // 40 changes over 5 keys, in position order; `None` is a delete.
-        let changes: Vec<(i32, Position, Option<String>)> = (0..40u64)
+        // 40 changes over 5 keys, in position order; half the rounds have truncates too.
+        let truncates = round % 2 == 1;
+        let changes: Vec<(Position, Change)> = (0..40u64)
             .map(|i| {
-                let id = rng.random_range(1..=5);
-                let val = rng.random_bool(0.6).then(|| format!("v{i}"));
-                (id, Position::change(100 + i, 0), val)
+                let change = if truncates && rng.random_bool(0.05) {
+                    Change::Truncate
+                } else {
+                    Change::Key(rng.random_range(1..=5), rng.random_bool(0.6).then(|| format!("v{i}")))
+                };
+                (Position::change(100 + i, 0), change)
             })
             .collect();
         let mut order = changes.clone();
         order.extend((0..10).map(|_| changes[rng.random_range(0..changes.len())].clone()));
         order.shuffle(&mut rng);
-        for (id, position, val) in &order {
-            let row = Row {
-                key: vec![Some(id.to_string())],
-                fields: val.iter().map(|v| Some(v.clone())).collect(),
-                version: Some(position.to_string()),
-            };
+        for (position, change) in &order {
             let mut tx = dst.client.transaction().await.unwrap();
-            let refused = match val {
-                Some(_) => target.upsert(&mut tx, &[row], Fields::All).await.unwrap(),
-                None => target.delete(&mut tx, &[row]).await.unwrap(),
+            let version = position.to_string();
+            let refused = match change {
+                Change::Truncate => {
+                    target.truncate(&tx, &version).await.unwrap();
+                    Vec::new()
+                }
+                Change::Key(id, val) => {
+                    let row = Row {
+                        key: vec![Some(id.to_string())],
+                        fields: val.iter().map(|v| Some(v.clone())).collect(),
+                        version: Some(version),
+                    };
+                    match val {
+                        Some(_) => target.upsert(&mut tx, &[row], Fields::All).await.unwrap(),
+                        None => target.delete(&mut tx, &[row]).await.unwrap(),
+                    }
+                }
             };
             assert!(refused.is_empty(), "{refused:?}");
             tx.commit().await.unwrap();
         }
-        // The newest change of each key decides.
+        // The newest change of each key decides; a truncate is a delete of every key.
         let mut newest = std::collections::BTreeMap::new();
-        for (id, position, val) in &changes {
-            newest.insert(*id, (position.to_string(), val.clone()));
+        for (position, change) in &changes {
+            match change {
+                Change::Key(id, val) => {
+                    newest.insert(*id, (position.to_string(), val.clone()));
+                }
+                Change::Truncate => newest.values_mut().for_each(|v| *v = (position.to_string(), None)),
+            }
         }
         let want: Vec<Vec<Option<String>>> = newest
             .iter()
@@ -505,13 +530,23 @@ async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
             .collect();
         let got = dst.rows("SELECT id, val, _sluice_version FROM kv ORDER BY id").await;
         assert_eq!(got, want, "round {round}, applied in the order {order:?}");
-        // Tombstones are kept for the keys that are deleted now, at their delete's position.
-        let buried: Vec<Vec<Option<String>>> = newest
-            .iter()
-            .filter(|(_, (_, v))| v.is_none())
-            .map(|(id, (p, _))| vec![Some(format!("{{{id}}}")), Some(p.clone())])
-            .collect();
-        let tombstones = dst.rows("SELECT key::text, version FROM sluice_tombstones ORDER BY key[1]::int").await;
-        assert_eq!(tombstones, buried, "round {round}");
+        if truncates {
+            // The whole table's tombstone is at the newest truncate; a key's tombstone is kept
+            // only while the key is deleted.
+            let newest_truncate = changes.iter().filter(|(_, c)| matches!(c, Change::Truncate)).map(|(p, _)| p).max();
+            let table = dst.rows("SELECT version FROM sluice_tombstones WHERE key = '{}'").await;
+            assert_eq!(table, newest_truncate.map(|p| vec![Some(p.to_string())]).into_iter().collect::<Vec<_>>());
+            let alive = dst.rows("SELECT x.key::text FROM sluice_tombstones x JOIN kv ON x.key[1]::int = kv.id").await;
+            assert_eq!(alive, Vec::<Vec<Option<String>>>::new(), "round {round}");
+        } else {
+            // Tombstones are kept for exactly the keys that are deleted now, at their delete.
+            let deleted: Vec<Vec<Option<String>>> = newest
+                .iter()
+                .filter(|(_, (_, v))| v.is_none())
+                .map(|(id, (p, _))| vec![Some(format!("{{{id}}}")), Some(p.clone())])
+                .collect();
+            let keys = dst.rows("SELECT key::text, version FROM sluice_tombstones ORDER BY key[1]::int").await;
+            assert_eq!(keys, deleted, "round {round}");
+        }
     }
 }

@@ -17,6 +17,7 @@ use crate::connectors::oauth::Session;
 use crate::connectors::quota::DailyQuota;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
+use crate::event::Position;
 use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
@@ -265,7 +266,7 @@ impl Target for HubSpotTarget {
         Ok(applied)
     }
 
-    async fn truncate(&mut self) -> Result<()> {
+    async fn truncate(&mut self, _: Position) -> Result<()> {
         // Emptying a CRM object because a source table was truncated is rarely wanted and cannot
         // be undone: say so and leave the records.
         tracing::warn!(sink = %self.sink, "source table truncated; HubSpot records are left as they are");

@@ -8,6 +8,7 @@
 use super::{Applied, Item, Key, Record, Target};
 use crate::deadletter::{Entry, EntryStore};
 use crate::error::{Error, Result};
+use crate::event::Position;
 use crate::mapping::coalesce::{Coalescer, Pending};
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -24,6 +25,8 @@ pub enum Segment {
     },
     Truncate {
         offset: u64,
+        /// The truncate's source position, for targets that guard by position.
+        position: Position,
     },
 }
 
@@ -32,7 +35,7 @@ impl Segment {
     pub fn last(&self) -> u64 {
         match self {
             Segment::Batch { last, .. } => *last,
-            Segment::Truncate { offset } => *offset,
+            Segment::Truncate { offset, .. } => *offset,
         }
     }
 
@@ -80,8 +83,8 @@ pub async fn fly<T: Target>(mut target: T, dead: EntryStore, mut segments: VecDe
 
 async fn write<T: Target>(target: &mut T, dead: &EntryStore, segment: &Segment) -> Result<Applied> {
     match segment {
-        Segment::Truncate { .. } => {
-            target.truncate().await?;
+        Segment::Truncate { position, .. } => {
+            target.truncate(*position).await?;
             Ok(Applied::default())
         }
         Segment::Batch { coalescer, failed, .. } => {

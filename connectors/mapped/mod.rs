@@ -14,7 +14,7 @@ pub mod replay;
 use crate::config::BatchLimits;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Op, TableSchema};
+use crate::event::{ChangeEvent, Op, Position, TableSchema};
 use crate::log::{EmbeddedLog, LogRecord};
 use crate::mapping::coalesce::{Change, Coalescer, Write};
 use crate::mapping::{Mapped, Mapper, MappingConfig};
@@ -82,8 +82,8 @@ pub trait Target: Send + 'static {
     /// error means nothing of the batch may be assumed written, and the batch is sent again.
     async fn write_batch(&mut self, items: Vec<Item>) -> Result<Applied>;
 
-    /// Removes every record (a truncate of the source table).
-    async fn truncate(&mut self) -> Result<()>;
+    /// Removes every record (a truncate of the source table at `position`).
+    async fn truncate(&mut self, position: Position) -> Result<()>;
 }
 
 /// Opens a [`Target`] once the mapping knows its key and field names.
@@ -261,7 +261,7 @@ impl<C: Connect> Sink for MappedSink<C> {
             };
             let (key, change) = match self.mapper.map(&r.event) {
                 Ok(Mapped::Truncate) => {
-                    self.segments.push_back(Segment::Truncate { offset: r.offset });
+                    self.segments.push_back(Segment::Truncate { offset: r.offset, position: r.event.position });
                     continue;
                 }
                 Ok(Mapped::Skip(_)) => {

@@ -12,6 +12,7 @@ use crate::connectors::mapped::{Applied, Connect, Item, MappedSink, Target as Ma
 use crate::connectors::postgres::client::{connect, query_error};
 use crate::deadletter::EntryStore;
 use crate::error::{Error, Result};
+use crate::event::Position;
 use crate::log::EmbeddedLog;
 use crate::mapping::Mapper;
 use target::Target;
@@ -98,11 +99,11 @@ impl MappedTarget for PgTarget {
         self.writer.apply(client, &items, None).await
     }
 
-    async fn truncate(&mut self) -> Result<()> {
+    async fn truncate(&mut self, position: Position) -> Result<()> {
         self.client().await?;
         let client = self.client.as_mut().expect("connected above");
         let tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
-        self.writer.target.truncate(&tx).await?;
+        self.writer.target.truncate(&tx, &position.to_string()).await?;
         tx.commit().await.map_err(|e| query_error("commit", e))
     }
 }

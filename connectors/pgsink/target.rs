@@ -233,11 +233,23 @@ impl Target {
         })
     }
 
-    /// Removes every record (a truncate of the source table).
-    pub async fn truncate(&self, tx: &Transaction<'_>) -> Result<()> {
-        tx.batch_execute(&format!("DELETE FROM {}", qualified(&self.table)))
+    /// Removes every record (a truncate of the source table at `version`). Under the position
+    /// guard only records older than the truncate go, and the truncate leaves a tombstone for
+    /// the whole table, so a replayed older change cannot bring a record back either.
+    pub async fn truncate(&self, tx: &Transaction<'_>, version: &str) -> Result<()> {
+        let table = qualified(&self.table);
+        let (VersionGuard::Position { column }, Some(tombstones)) = (&self.version, &self.tombstones) else {
+            return tx
+                .batch_execute(&format!("DELETE FROM {table}"))
+                .await
+                .map_err(|e| query_error("target truncate", e));
+        };
+        let column = quote_ident(column);
+        tx.execute(&format!("DELETE FROM {table} AS t WHERE t.{column} IS NULL OR t.{column} < $1"), &[&version])
             .await
-            .map_err(|e| query_error("target truncate", e))
+            .map_err(|e| query_error("target truncate", e))?;
+        tx.execute(&tombstones.record_table(), &[&version]).await.map_err(|e| query_error("target truncate", e))?;
+        Ok(())
     }
 
     fn upsert_sql(&self, which: Fields<'_>) -> String {

@@ -7,7 +7,9 @@
 //! version is the newest change applied to it, whatever order the changes arrive in:
 //! - a delete removes the record if older and raises the key's tombstone to its version;
 //! - an upsert is skipped when the key's tombstone is at or above its version, and clears
-//!   tombstones below it, so the table holds only keys that are deleted now.
+//!   tombstones below it, so the table holds only keys that are deleted now;
+//! - a truncate removes the records older than it and keeps one tombstone for the whole table
+//!   (an empty key), which every older upsert also yields to.
 
 use crate::connectors::postgres::client::{query_error, quote_ident, quote_literal};
 use crate::error::{Error, Result};
@@ -60,10 +62,11 @@ impl Tombstones {
         format!("ARRAY[{}]::text[]", parts.join(", "))
     }
 
-    /// A condition on `unnest` row `u` (with version `u.v`): no delete at or after it.
+    /// A condition on `unnest` row `u` (with version `u.v`): no delete of its key, and no
+    /// truncate, at or after it.
     pub fn unburied(&self) -> String {
         format!(
-            "NOT EXISTS (SELECT 1 FROM {} AS x WHERE x.target = {} AND x.key = {} AND x.version >= u.v)",
+            "NOT EXISTS (SELECT 1 FROM {} AS x WHERE x.target = {} AND x.key IN ({}, '{{}}') AND x.version >= u.v)",
             self.table,
             self.target,
             self.key()
@@ -77,6 +80,16 @@ impl Tombstones {
             self.table,
             self.target,
             self.key()
+        )
+    }
+
+    /// A statement recording a truncate at version `$1`: the whole table's tombstone, whose key
+    /// is empty (a delete's key never is).
+    pub fn record_table(&self) -> String {
+        format!(
+            "INSERT INTO {} AS x (target, key, version) VALUES ({}, '{{}}', $1) \
+             ON CONFLICT (target, key) DO UPDATE SET version = EXCLUDED.version WHERE x.version < EXCLUDED.version",
+            self.table, self.target
         )
     }
 

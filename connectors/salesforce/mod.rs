@@ -18,6 +18,7 @@ use crate::connectors::oauth::Session;
 use crate::connectors::quota::DailyQuota;
 use crate::deadletter::{Entry, EntryStore, Reason};
 use crate::error::{Error, Result};
+use crate::event::Position;
 use crate::log::EmbeddedLog;
 use crate::mapping::coalesce::Write;
 use crate::mapping::Mapper;
@@ -324,7 +325,7 @@ impl Target for SalesforceTarget {
         Ok(applied)
     }
 
-    async fn truncate(&mut self) -> Result<()> {
+    async fn truncate(&mut self, _: Position) -> Result<()> {
         // As for HubSpot: emptying a CRM object because a source table was truncated is rarely
         // wanted and cannot be undone.
         tracing::warn!(sink = %self.sink, "source table truncated; Salesforce records are left as they are");
