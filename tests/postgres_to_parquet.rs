@@ -604,3 +604,30 @@ async fn binary_numerics_decode_to_the_servers_text() {
         }
     }
 }
+
+/// Members of one pipeline starting at the same moment all find the publication missing and
+/// create it; each must go on with the one that won, not stop with a duplicate-name error.
+#[tokio::test]
+async fn members_starting_together_share_one_publication() {
+    use sluice::connectors::postgres::Catalog;
+    use sluice::event::TableId;
+
+    let db = TestDb::new("pub_race").await;
+    db.client.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)").await.unwrap();
+    let tables = [TableId::new("public", "a"), TableId::new("public", "b")];
+    for round in 0..5 {
+        let name = format!("race_{round}");
+        let mut catalogs = Vec::new();
+        for _ in 0..8 {
+            catalogs.push(Catalog::new(support::connect(&db.name).await));
+        }
+        let attempts = catalogs.iter().map(|c| c.ensure_publication(&name, &tables));
+        for outcome in futures::future::join_all(attempts).await {
+            outcome.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        let published = db
+            .rows(&format!("SELECT tablename::text FROM pg_publication_tables WHERE pubname = '{name}' ORDER BY 1"))
+            .await;
+        assert_eq!(published, vec![vec![Some("a".to_string())], vec![Some("b".to_string())]]);
+    }
+}

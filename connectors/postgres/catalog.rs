@@ -229,9 +229,15 @@ impl Catalog {
         if !exists {
             let list: Vec<String> = tables.iter().map(qualified).collect();
             let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", "));
-            self.client.batch_execute(&sql).await.map_err(|e| publication_error(name, e))?;
-            tracing::info!(publication = name, "created publication");
-            return Ok(());
+            match self.client.batch_execute(&sql).await {
+                Ok(()) => {
+                    tracing::info!(publication = name, "created publication");
+                    return Ok(());
+                }
+                // Another member of the pipeline, starting at the same moment, created it.
+                Err(e) if made_meanwhile(&e) => {}
+                Err(e) => return Err(publication_error(name, e)),
+            }
         }
         let rows = self
             .client
@@ -242,8 +248,11 @@ impl Catalog {
             rows.iter().map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
         for t in tables.iter().filter(|t| !present.contains(t)) {
             let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), qualified(t));
-            self.client.batch_execute(&sql).await.map_err(|e| publication_error(name, e))?;
-            tracing::info!(publication = name, table = %t, "added table to publication");
+            match self.client.batch_execute(&sql).await {
+                Ok(()) => tracing::info!(publication = name, table = %t, "added table to publication"),
+                Err(e) if made_meanwhile(&e) => {}
+                Err(e) => return Err(publication_error(name, e)),
+            }
         }
         Ok(())
     }
@@ -280,6 +289,12 @@ impl Catalog {
         let lsn: Option<String> = row.get(2);
         Ok(lsn.as_deref().and_then(crate::event::parse_lsn))
     }
+}
+
+/// The object a statement would create exists already: its name is taken (a unique violation
+/// in the catalog, for a create that raced another) or it is a duplicate.
+fn made_meanwhile(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| matches!(db.code().code(), "23505" | "42710"))
 }
 
 fn publication_error(name: &str, e: tokio_postgres::Error) -> Error {
