@@ -371,15 +371,13 @@ impl Target {
     fn delete_sql(&self) -> String {
         let (mut u, keys) = self.key_unnest(Unnest::default());
         let table = qualified(&self.table);
-        let VersionGuard::Position { column } = &self.version else {
+        // The position guard always comes with tombstones (see `introspect`).
+        let (VersionGuard::Position { column }, Some(tombstones)) = (&self.version, &self.tombstones) else {
             return format!("DELETE FROM {table} AS t USING {} WHERE {}", u.from(), keys.join(" AND "));
         };
         u.column("v", "text");
         let column = quote_ident(column);
         let on = format!("{} AND (t.{column} IS NULL OR t.{column} < u.v)", keys.join(" AND "));
-        let Some(tombstones) = &self.tombstones else {
-            return format!("DELETE FROM {table} AS t USING {} WHERE {on}", u.from());
-        };
         // Both parts see the table as it was: a tombstone is recorded unless the record holds
         // this version or a newer one (then the delete is stale and the record guards itself).
         let stale = format!("EXISTS (SELECT 1 FROM {table} AS t WHERE {} AND t.{column} >= u.v)", keys.join(" AND "));
