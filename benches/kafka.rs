@@ -108,8 +108,8 @@ fn committed(consumer: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
 }
 
 /// Scale-out: `processes` members of a fresh pipeline's group drain `topic` into their Parquet
-/// sinks; the time from their start until the group has committed every message, and their
-/// CPU seconds.
+/// sinks; messages per second from their start until the group has committed every message,
+/// and their CPU seconds per million messages.
 async fn drain(work: &Path, prefix: &str, topic: &str, processes: usize, admin: &tokio_postgres::Client) -> (f64, f64) {
     let name = format!("{prefix}_drain{processes}");
     let probe = client(&format!("sluice.{name}.lake"));
@@ -125,7 +125,7 @@ async fn drain(work: &Path, prefix: &str, topic: &str, processes: usize, admin: 
     children.into_iter().for_each(stop_sluice);
     let (cpu1, _) = usage(UsageWho::RUSAGE_CHILDREN);
     drop_slot(admin, &format!("sluice_{name}")).await;
-    (total as f64 / took, cpu1 - cpu0)
+    (total as f64 / took, (cpu1 - cpu0) / total as f64 * 1e6)
 }
 
 /// Writes 4 KiB and fdatasyncs it every 20 ms until `stop`; the milliseconds each sync took.
@@ -359,8 +359,7 @@ async fn main() {
     for processes in [1, 2] {
         let (rate, cpu) = drain(dir.path(), &name, &topic, processes, &admin).await;
         println!(
-            "  {processes} process(es): {rate:.0} messages/s until the group committed all; CPU {:.1} s per million",
-            cpu / readable(&consumer, &topic) as f64 * 1e6
+            "  {processes} process(es): {rate:.0} messages/s until the group committed all; CPU {cpu:.1} s per million"
         );
     }
     drop_slot(&admin, &format!("sluice_{name}")).await;

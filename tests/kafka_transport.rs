@@ -633,23 +633,12 @@ async fn transactions_are_bounded_in_the_transaction_topic() {
     let items = changes("items");
     let notes = changes("notes");
     let block = |v: &serde_json::Value| v["transaction"].clone();
+    let place = |id: &str, total: u32, in_table: u32| serde_json::json!({"id": id, "total_order": total, "data_collection_order": in_table});
     assert_eq!(block(&items[r#"{"id":1}"#][0]), serde_json::Value::Null, "a snapshot read");
-    assert_eq!(
-        block(&items[r#"{"id":2}"#][0]),
-        serde_json::json!({"id": first, "total_order": 1, "data_collection_order": 1})
-    );
-    assert_eq!(
-        block(&items[r#"{"id":3}"#][0]),
-        serde_json::json!({"id": first, "total_order": 2, "data_collection_order": 2})
-    );
-    assert_eq!(
-        block(&notes[r#"{"id":1}"#][0]),
-        serde_json::json!({"id": first, "total_order": 3, "data_collection_order": 1})
-    );
-    assert_eq!(
-        block(&items[r#"{"id":1}"#][1]),
-        serde_json::json!({"id": second, "total_order": 1, "data_collection_order": 1})
-    );
+    assert_eq!(block(&items[r#"{"id":2}"#][0]), place(first, 1, 1));
+    assert_eq!(block(&items[r#"{"id":3}"#][0]), place(first, 2, 2));
+    assert_eq!(block(&notes[r#"{"id":1}"#][0]), place(first, 3, 1));
+    assert_eq!(block(&items[r#"{"id":1}"#][1]), place(second, 1, 1));
     let tx_id = items[r#"{"id":2}"#][0]["source"]["txId"].as_i64().unwrap();
     let lsn = items[r#"{"id":2}"#][0]["source"]["lsn"].as_i64().unwrap();
     assert_eq!(first, format!("{tx_id}:{lsn}"));

@@ -183,14 +183,13 @@ impl KafkaPublisher {
         let topics = Topics::new(cfg)?;
         let heartbeat_topic = Topics::heartbeat_topic(&cfg.topic_prefix);
         topics.create(&heartbeat_topic, 1).await?;
-        let transactions = match cfg.transaction_metadata && envelope.flavor == Flavor::Postgres {
-            true => {
-                let topic = Topics::transaction_topic(&cfg.topic_prefix);
-                // One partition: BEGIN and END of every transaction in commit order.
-                topics.create(&topic, 1).await?;
-                Some(Transactions { topic, tracker: TransactionTracker::new(cfg.schemas), placed: HashMap::new() })
-            }
-            false => None,
+        let transactions = if cfg.transaction_metadata && envelope.flavor == Flavor::Postgres {
+            let topic = Topics::transaction_topic(&cfg.topic_prefix);
+            // One partition: BEGIN and END of every transaction in commit order.
+            topics.create(&topic, 1).await?;
+            Some(Transactions { topic, tracker: TransactionTracker::new(cfg.schemas), placed: HashMap::new() })
+        } else {
+            None
         };
         Ok(Self {
             producer,
@@ -301,7 +300,7 @@ impl KafkaPublisher {
         let targets: Vec<Option<i32>> =
             if event.op == Op::Truncate { (0..partitions).map(Some).collect() } else { vec![None] };
         let mut deliveries = Vec::with_capacity(targets.len() + markers.len() + 1);
-        if let Some(t) = &self.transactions {
+        if let Some(t) = self.transactions.as_ref().filter(|_| !markers.is_empty()) {
             let topic = t.topic.clone();
             for m in &markers {
                 deliveries.push(
