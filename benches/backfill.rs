@@ -62,6 +62,25 @@ struct Run {
     landed_rate: f64,
     cpu: f64,
     rss: f64,
+    /// Seconds the source spent in log commits and the sink in batches, from `/metrics`.
+    commit_seconds: f64,
+    sink_seconds: f64,
+}
+
+/// The body of a plain HTTP/1.0 GET on loopback (a TLS-less client, so no crypto provider).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    page
+}
+
+/// The `_sum` of a histogram (summary) in a Prometheus text page.
+fn metric_sum(page: &str, name: &str) -> f64 {
+    let prefix = format!("{name}_sum");
+    page.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// One pipeline, started fresh: with `parallelism`, streaming (no snapshot) while one backfill
@@ -73,11 +92,13 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
     let (data, lake) = (work.join(format!("data_{tag}")), work.join(format!("lake_{tag}")));
     let file: PathBuf = work.join(format!("{name}.yaml"));
     let snapshot = if parallelism.is_some() { "never" } else { "initial" };
+    let metrics_port = 19460 + parallelism.unwrap_or(0) as u16;
     std::fs::write(
         &file,
         format!(
             "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  tables: [public.bf_orders]\n  snapshot: {snapshot}\n  heartbeat: 500ms\n\
-             transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n",
+             transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n\
+             metrics:\n  listen: 127.0.0.1:{metrics_port}\n",
             data.display(),
             lake.display()
         ),
@@ -126,13 +147,23 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
     // The status file is rewritten every second; the files' times are exact.
     let elapsed = newest_file(&lake).duration_since(started).unwrap();
     let (cpu, rss) = (cpu_seconds(pid) - cpu0, peak_rss_mib(pid));
+    let page = http_get(metrics_port, "/metrics");
+    let (commit_seconds, sink_seconds) =
+        (metric_sum(&page, "sluice_log_commit_seconds"), metric_sum(&page, "sluice_sink_batch_seconds"));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
     let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_{name}")]).await;
     let _ = std::fs::remove_dir_all(&lake);
     let _ = std::fs::remove_dir_all(&data);
     let landed = landed.unwrap_or(elapsed);
-    Run { rate: rows as f64 / elapsed.as_secs_f64(), landed_rate: rows as f64 / landed.as_secs_f64(), cpu, rss }
+    Run {
+        rate: rows as f64 / elapsed.as_secs_f64(),
+        landed_rate: rows as f64 / landed.as_secs_f64(),
+        cpu,
+        rss,
+        commit_seconds,
+        sink_seconds,
+    }
 }
 
 #[tokio::main]
@@ -173,12 +204,16 @@ async fn main() {
             parallelism.map_or("initial snapshot (same path)".to_string(), |p| format!("backfill, parallelism {p}"));
         println!(
             "{what}: {:>9.0} rows/s = {:>5.1}% of COPY ({copy:.0} rows/s just before); \
-             read at {:.0} rows/s; {:.2} CPU-s per million rows; peak RSS {:.0} MiB",
+             read at {:.0} rows/s; {:.2} CPU-s per million rows; peak RSS {:.0} MiB; \
+             whole run {:.1} s: log commits {:.1} s, sink batches {:.1} s",
             run.rate,
             100.0 * run.rate / copy,
             run.landed_rate,
             run.cpu / (rows as f64 / 1e6),
             run.rss,
+            rows as f64 / run.rate,
+            run.commit_seconds,
+            run.sink_seconds,
         );
     }
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();
