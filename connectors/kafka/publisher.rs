@@ -23,9 +23,11 @@ use tokio::sync::watch;
 /// The name under which the publisher's cursor is stored in the local log.
 pub const PUBLISHER: &str = "kafka";
 
-/// Turns "log offsets up to N are in Kafka" into "source positions up to P may be
-/// acknowledged": the source records, at each commit, the head it reached and the position
-/// it may acknowledge once that head is delivered.
+/// Turns "log offsets up to N are in Kafka and durable in the local log" into "source positions
+/// up to P may be acknowledged": the source records, at each commit, the head it reached and the
+/// position it may acknowledge once that head is delivered and checkpointed. (The publisher
+/// produces commits before their checkpoint, so a change reaches Kafka without waiting for an
+/// fsync; a crash reverts the local log to its checkpoint, and the slot resends from there.)
 #[derive(Clone)]
 pub struct AckGate {
     inner: Arc<Mutex<GateState>>,
@@ -37,6 +39,8 @@ struct GateState {
     /// (log head, source position acknowledgeable once the head is delivered), rising.
     pending: VecDeque<(u64, u64)>,
     delivered: u64,
+    /// The local log's durable head (see `EmbeddedLog::checkpoint`).
+    durable: u64,
     /// The newest (log head, source position) committed, delivered or not.
     latest: (u64, u64),
 }
@@ -70,6 +74,13 @@ impl AckGate {
         self.release(&mut s);
     }
 
+    /// Everything up to `offset` is durable in the local log.
+    pub fn durable(&self, offset: u64) {
+        let mut s = self.inner.lock().expect("ack gate lock");
+        s.durable = s.durable.max(offset);
+        self.release(&mut s);
+    }
+
     /// Waits (at most `limit`) until every committed head is delivered, and returns the
     /// acknowledgeable position: at a clean stop the slot is told all Kafka has, so the next
     /// start does not capture and publish it again.
@@ -93,7 +104,7 @@ impl AckGate {
     fn release(&self, s: &mut GateState) {
         let mut released = None;
         while let Some(&(head, position)) = s.pending.front() {
-            if head > s.delivered {
+            if head > s.delivered.min(s.durable) {
                 break;
             }
             released = Some(position);
@@ -465,5 +476,29 @@ impl Sink for KafkaPublisher {
 
     fn written(&self) -> (u64, u64) {
         (0, self.produced)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckGate;
+
+    #[test]
+    fn a_position_is_released_once_delivered_and_durable() {
+        let gate = AckGate::default();
+        let acked = gate.subscribe();
+        gate.committed(10, 100);
+        gate.committed(20, 200);
+        gate.delivered(20);
+        assert_eq!(*acked.borrow(), 0, "delivered but not checkpointed");
+        gate.durable(15);
+        assert_eq!(*acked.borrow(), 100, "head 10 is both; head 20 is not durable yet");
+        gate.durable(25);
+        assert_eq!(*acked.borrow(), 200);
+        gate.committed(30, 300);
+        gate.durable(30);
+        assert_eq!(*acked.borrow(), 200, "durable but not delivered");
+        gate.delivered(30);
+        assert_eq!(*acked.borrow(), 300);
     }
 }

@@ -22,6 +22,7 @@ use crate::runtime::progress::{now_ms, SourceProgress};
 use crate::runtime::Shutdown;
 use backfill::Backfills;
 use decoder::Decoder;
+use pg_walstream::LogicalReplicationMessage;
 use replication::ReplicationStream;
 use snapshot::{ExportedSnapshot, SnapshotProgress, SnapshotTable, PROGRESS_KEY};
 use std::sync::atomic::Ordering;
@@ -313,8 +314,17 @@ impl PostgresSource {
                     }
                 };
                 let Some(msg) = msg else { break };
-                decoder.handle(msg?, &mut batch, catalog, &self.log, &self.progress).await?;
-                if batch.len() >= MAX_BATCH_EVENTS || batch.bytes() >= MAX_BATCH_BYTES {
+                let msg = msg?;
+                let ends_transaction = matches!(
+                    msg.message,
+                    LogicalReplicationMessage::Commit { .. } | LogicalReplicationMessage::StreamCommit { .. }
+                );
+                decoder.handle(msg, &mut batch, catalog, &self.log, &self.progress).await?;
+                // A log that defers fsync commits in well under a millisecond: a transaction
+                // goes on as soon as nothing else is queued behind it. (Behind, the queue is
+                // never empty and batches grow up to their bounds.)
+                let caught_up = ends_transaction && self.log.deferred() && rx.is_empty();
+                if caught_up || batch.len() >= MAX_BATCH_EVENTS || batch.bytes() >= MAX_BATCH_BYTES {
                     self.flush(&mut decoder, &mut batch, &feedback).await?;
                     batch_deadline = None;
                 } else if batch_deadline.is_none() && (!batch.is_empty() || decoder.ack_pending()) {
@@ -326,6 +336,11 @@ impl PostgresSource {
         .await;
         cancel.cancel();
         if let (Ok(()), Some(gate)) = (&result, &self.gate) {
+            // The periodic checkpoints have stopped; this one lets the last commits through.
+            match self.log.checkpoint().await {
+                Ok(durable) => gate.durable(durable),
+                Err(e) => tracing::warn!(error = %e, "final log checkpoint failed; the slot keeps the last changes"),
+            }
             let lsn = gate.settled(FINAL_DELIVERY_WAIT).await;
             if lsn > 0 {
                 acknowledge(&feedback, &self.progress, lsn);

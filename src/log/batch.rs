@@ -125,13 +125,13 @@ impl WriteBatch {
         self.steps.push(Step::Schema(id, schema));
     }
 
-    /// Writes the batch in one fsynced transaction; returns the new head offset and the records
-    /// appended, in order.
-    pub(super) fn apply(self, db: &Database, mut head: u64) -> Result<(u64, Vec<LogRecord>)> {
+    /// Writes the batch in one transaction of `durability`; returns the new head offset and the
+    /// records appended, in order.
+    pub(super) fn apply(self, db: &Database, mut head: u64, durability: Durability) -> Result<(u64, Vec<LogRecord>)> {
         let WriteBatch { steps, schemas: batch_schemas, events: expected, unguarded, .. } = self;
         let mut appended = Vec::with_capacity(expected);
         let mut tx = db.begin_write()?;
-        tx.set_durability(Durability::Immediate)?;
+        tx.set_durability(durability)?;
         {
             let mut events = tx.open_table(EVENTS)?;
             let mut staging = tx.open_table(STAGING)?;

@@ -3,7 +3,9 @@
 //! One redb database holds everything that must change atomically with the log: the events,
 //! each sink's cursor and state, the schema registry, the source's checkpoint, snapshot progress,
 //! TOAST state and the staging area of transactions still in progress. A batch commits with
-//! fsync before the source acknowledges anything to PostgreSQL. Events below every sink's
+//! fsync before the source acknowledges anything to PostgreSQL, unless commits are deferred
+//! (see [`EmbeddedLog::open_deferred`]): then a periodic checkpoint fsyncs them, and only what
+//! a checkpoint made durable is acknowledged. Events below every sink's
 //! cursor are deleted; redb reuses their pages, so the file stays as large as the peak backlog.
 
 mod batch;
@@ -23,6 +25,7 @@ use crate::event::{ChangeEvent, TableSchema};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -49,8 +52,14 @@ const STAGING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("stagin
 pub struct EmbeddedLog {
     db: Arc<Database>,
     path: PathBuf,
-    /// The offset of the newest durable event (0 when the log has never held one).
+    /// The offset of the newest committed event (0 when the log has never held one).
     head: watch::Sender<u64>,
+    /// The offset up to which events are durable: the head, unless commits are deferred.
+    durable: watch::Sender<u64>,
+    /// Commits skip fsync; [`EmbeddedLog::checkpoint`] makes them durable.
+    deferred: bool,
+    /// A deferred commit happened since the last checkpoint began.
+    undurable: Arc<AtomicBool>,
     recent: Arc<Mutex<RecentEvents>>,
     /// Woken whenever a reader is handed records, for writers pacing themselves to readers.
     reads: Arc<Notify>,
@@ -72,15 +81,28 @@ pub struct LogRecord {
 impl EmbeddedLog {
     /// Opens (creating if needed) the log in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, false)
+        Self::open_with(dir, false, false)
     }
 
-    /// Opens a log whose every event may be a replay (see [`EmbeddedLog::replay_horizon`]).
+    /// Opens a sink's Kafka buffer: every event may be a replay (see
+    /// [`EmbeddedLog::replay_horizon`]), and commits are deferred (see
+    /// [`EmbeddedLog::open_deferred`]): a crash reverts the buffer, its sink's cursor and state
+    /// together, and Kafka, whose offsets move only past what the sink made durable in its
+    /// target, still holds everything after that.
     pub fn open_replaying(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, true)
+        Self::open_with(dir, true, true)
     }
 
-    fn open_with(dir: &Path, replays_anywhere: bool) -> Result<Self> {
+    /// Opens a log whose commits do not wait for fsync: readers see a commit at once, and
+    /// [`EmbeddedLog::checkpoint`] makes every earlier commit durable. A crash reverts the log
+    /// to its last checkpoint, cursors and state included, so it is for a log whose readers
+    /// hand everything on (the Kafka publisher) and whose writer acknowledges its source only
+    /// up to [`EmbeddedLog::durable_head`]: what a crash reverts is captured again.
+    pub fn open_deferred(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false, true)
+    }
+
+    fn open_with(dir: &Path, replays_anywhere: bool, deferred: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let file = dir.join("log.redb");
         let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(&file).map_err(|e| match e {
@@ -109,12 +131,16 @@ impl EmbeddedLog {
             let recorded = meta.get("head")?.map(|v| decode_u64(v.value()));
             last.unwrap_or(0).max(recorded.unwrap_or(0))
         };
+        let (durable, _) = watch::channel(head);
         let (head, _) = watch::channel(head);
         let recent = Arc::new(Mutex::new(RecentEvents::new(RECENT_BYTES)));
         Ok(Self {
             db: Arc::new(db),
             path: dir.to_path_buf(),
             head,
+            durable,
+            deferred,
+            undurable: Arc::new(AtomicBool::new(false)),
             recent,
             reads: Arc::new(Notify::new()),
             replays_anywhere,
@@ -125,9 +151,62 @@ impl EmbeddedLog {
         &self.path
     }
 
-    /// The offset of the newest durable event.
+    /// The offset of the newest committed event.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// The offset up to which events are durable, as it rises.
+    pub fn durable_head(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Whether commits wait for a checkpoint to be durable (see [`EmbeddedLog::open_deferred`]).
+    pub fn deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// Whether a commit since the last checkpoint still waits for one.
+    pub fn needs_checkpoint(&self) -> bool {
+        self.undurable.load(Ordering::Acquire)
+    }
+
+    /// Makes every commit so far durable with one fsync; returns the durable head.
+    pub async fn checkpoint(&self) -> Result<u64> {
+        // Every commit that moved the head here has returned, so the transaction below,
+        // which waits for the writer lock, persists it.
+        let head = self.head();
+        self.undurable.store(false, Ordering::Release);
+        let db = self.db.clone();
+        blocking(move || {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::Immediate)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await?;
+        self.durable.send_if_modified(|d| {
+            let moved = head > *d;
+            *d = (*d).max(head);
+            moved
+        });
+        Ok(head)
+    }
+
+    /// The durability of a commit: fsynced now, or by the next checkpoint.
+    fn durability(&self) -> Durability {
+        match self.deferred {
+            true => Durability::None,
+            false => Durability::Immediate,
+        }
+    }
+
+    /// Notes a commit that has returned; a deferred one waits for the next checkpoint. (Noted
+    /// after it returns: a checkpoint that began earlier may not have persisted it.)
+    fn committed(&self) {
+        if self.deferred {
+            self.undurable.store(true, Ordering::Release);
+        }
     }
 
     /// Offsets at or below this may hold changes a target already has: the head when a sink
@@ -146,14 +225,16 @@ impl EmbeddedLog {
         self.head.subscribe()
     }
 
-    /// Commits a batch durably (fsync) and returns the new head offset.
+    /// Commits a batch durably (fsync; deferred to the next checkpoint in a deferred log) and
+    /// returns the new head offset.
     pub async fn commit(&self, batch: WriteBatch) -> Result<u64> {
         let db = self.db.clone();
         let start = self.head();
         let recent = self.recent.clone();
+        let durability = self.durability();
         let new_head = tokio::task::spawn_blocking(move || {
-            let (head, appended) = batch.apply(&db, start)?;
-            // Durable now, so readers may see it; filled before the head moves past it.
+            let (head, appended) = batch.apply(&db, start, durability)?;
+            // Committed now, so readers may see it; filled before the head moves past it.
             let evicted = recent.lock().expect("recent events lock").extend(appended);
             // Freed outside the lock, which readers take.
             drop(evicted);
@@ -161,8 +242,12 @@ impl EmbeddedLog {
         })
         .await
         .map_err(|e| Error::Storage(format!("log writer panicked: {e}")))??;
+        self.committed();
         if new_head != start {
             self.head.send_replace(new_head);
+            if !self.deferred {
+                self.durable.send_replace(new_head);
+            }
         }
         Ok(new_head)
     }
@@ -242,9 +327,10 @@ impl EmbeddedLog {
     pub async fn commit_sink(&self, sink: &str, cursor: u64, state: Vec<u8>) -> Result<u64> {
         let db = self.db.clone();
         let sink = sink.to_string();
-        blocking(move || {
+        let durability = self.durability();
+        let stored = blocking(move || {
             let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate)?;
+            tx.set_durability(durability)?;
             let stored = {
                 let mut cursors = tx.open_table(CURSORS)?;
                 let old = cursors.get(sink.as_str())?.map(|v| v.value()).unwrap_or(0);
@@ -256,7 +342,9 @@ impl EmbeddedLog {
             tx.commit()?;
             Ok(stored)
         })
-        .await
+        .await;
+        self.committed();
+        stored
     }
 
     /// Deletes segments whose events every listed sink has made durable; returns how many
@@ -265,8 +353,10 @@ impl EmbeddedLog {
     pub async fn release(&self, sinks: &[String], limit: usize) -> Result<u64> {
         let db = self.db.clone();
         let sinks = sinks.to_vec();
-        blocking(move || {
-            let tx = db.begin_write()?;
+        let durability = self.durability();
+        let removed = blocking(move || {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(durability)?;
             let removed = {
                 let cursors = tx.open_table(CURSORS)?;
                 let mut floor = u64::MAX;
@@ -284,7 +374,9 @@ impl EmbeddedLog {
             tx.commit()?;
             Ok(removed)
         })
-        .await
+        .await;
+        self.committed();
+        removed
     }
 
     /// The offset of the oldest event still held, if any.
@@ -474,5 +566,31 @@ mod tests {
         }
         // Eight times the data went through; the file stays the size of one round's backlog.
         assert!(sizes[7] <= sizes[1] * 2, "file grew: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deferred_log_keeps_what_a_checkpoint_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open_deferred(dir.path()).unwrap();
+        let durable = log.durable_head();
+        assert_eq!(append(&log, 10, 5, 10).await, 5);
+        log.commit_sink("kafka", 3, vec![]).await.unwrap();
+        // Readers see the commit at once; it is not durable yet.
+        assert_eq!(log.read(1, 10, usize::MAX).await.unwrap().len(), 5);
+        assert_eq!(*durable.borrow(), 0);
+        assert!(log.needs_checkpoint());
+        assert_eq!(log.checkpoint().await.unwrap(), 5);
+        assert_eq!(*durable.borrow(), 5);
+        assert!(!log.needs_checkpoint());
+        assert_eq!(append(&log, 11, 2, 10).await, 7);
+        // The file as a crash would leave it now (a clean close would persist the last
+        // commit): the log reopens at its checkpoint.
+        let crashed = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("log.redb"), crashed.path().join("log.redb")).unwrap();
+        let reopened = EmbeddedLog::open(crashed.path()).unwrap();
+        assert_eq!(reopened.head(), 5);
+        assert_eq!(reopened.cursor("kafka").await.unwrap(), 3);
+        assert_eq!(reopened.read(1, 10, usize::MAX).await.unwrap().len(), 5);
+        drop(log);
     }
 }

@@ -1,5 +1,6 @@
 //! Runs a validated pipeline: the source writes to the log, one runner per sink reads from it.
 
+mod checkpoints;
 pub mod progress;
 pub mod schedule;
 mod scheduled;
@@ -71,9 +72,19 @@ pub fn open_log(pipeline: &Pipeline) -> Result<EmbeddedLog> {
     EmbeddedLog::open(pipeline.transport.path())
 }
 
+/// Whether the pipeline's log only stages changes for the Kafka publisher, so its commits may
+/// wait for a checkpoint (see `EmbeddedLog::open_deferred`).
+fn stages_for_kafka(pipeline: &Pipeline) -> bool {
+    matches!(pipeline.transport, TransportConfig::Kafka(_)) && !matches!(pipeline.source, SourceConfig::Kafka(_))
+}
+
 /// Runs until `shutdown` (or idle, with `until_idle`); returns the first fatal error.
 pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) -> Result<()> {
-    let log = open_log(&pipeline)?;
+    let deferred = stages_for_kafka(&pipeline);
+    let log = match deferred {
+        true => EmbeddedLog::open_deferred(pipeline.transport.path())?,
+        false => open_log(&pipeline)?,
+    };
     if let TransportConfig::Kafka(k) = &pipeline.transport {
         kafka::check_reachable(k).await?;
     }
@@ -219,6 +230,16 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         tasks.spawn(async move { runner.run().await.map_err(|e| (format!("sink {name}"), e)) });
     }
     tasks.spawn(async move { source_task.await.map_err(|e| ("source".to_string(), e)) });
+    let mut deferred_logs: Vec<(EmbeddedLog, Option<AckGate>)> =
+        inputs.iter().filter(|l| l.deferred() && l.dir() != log.dir()).map(|l| (l.clone(), None)).collect();
+    if deferred {
+        deferred_logs.push((log.clone(), Some(ack_gate.clone())));
+    }
+    for (log, gate) in &deferred_logs {
+        let checkpoints = checkpoints::run(log.clone(), gate.clone(), shutdown.clone());
+        let dir = log.dir().display().to_string();
+        tasks.spawn(async move { checkpoints.await.map_err(|e| (format!("log checkpoints of {dir}"), e)) });
+    }
     if let (Some(pg), false) = (pipeline.source.postgres(), pipeline.backfills.is_empty()) {
         let schedules = scheduled::run(
             pipeline.name.clone(),
@@ -297,6 +318,12 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
             // Tasks end only at shutdown; one that ends before it stops the rest, so no half of
             // a pipeline runs on alone.
             shutdown.request();
+        }
+    }
+    // What the sinks, their feeds and the publisher recorded while stopping becomes durable too.
+    for (log, _) in &deferred_logs {
+        if let Err(e) = log.checkpoint().await {
+            first_error.get_or_insert(e);
         }
     }
     finished.request();
