@@ -15,6 +15,9 @@
 mod lake;
 #[path = "support/postgres.rs"]
 mod postgres;
+#[allow(dead_code)]
+#[path = "support/scrape.rs"]
+mod scrape;
 
 use postgres::{connect, copy_rate, settle_table};
 use std::path::{Path, PathBuf};
@@ -65,22 +68,6 @@ struct Run {
     /// Seconds the source spent in log commits and the sink in batches, from `/metrics`.
     commit_seconds: f64,
     sink_seconds: f64,
-}
-
-/// The body of a plain HTTP/1.0 GET on loopback (a TLS-less client, so no crypto provider).
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut page = String::new();
-    stream.read_to_string(&mut page).unwrap();
-    page
-}
-
-/// The `_sum` of a histogram (summary) in a Prometheus text page.
-fn metric_sum(page: &str, name: &str) -> f64 {
-    let prefix = format!("{name}_sum");
-    page.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// One pipeline, started fresh: with `parallelism`, streaming (no snapshot) while one backfill
@@ -147,9 +134,11 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
     // The status file is rewritten every second; the files' times are exact.
     let elapsed = newest_file(&lake).duration_since(started).unwrap();
     let (cpu, rss) = (cpu_seconds(pid) - cpu0, peak_rss_mib(pid));
-    let page = http_get(metrics_port, "/metrics");
-    let (commit_seconds, sink_seconds) =
-        (metric_sum(&page, "sluice_log_commit_seconds"), metric_sum(&page, "sluice_sink_batch_seconds"));
+    let page = scrape::metrics_page(metrics_port);
+    let (commit_seconds, sink_seconds) = (
+        scrape::summary_sum(&page, "sluice_log_commit_seconds"),
+        scrape::summary_sum(&page, "sluice_sink_batch_seconds"),
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
     let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_{name}")]).await;

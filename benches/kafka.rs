@@ -19,6 +19,9 @@ mod measure;
 #[allow(dead_code)]
 #[path = "support/postgres.rs"]
 mod postgres;
+#[allow(dead_code)]
+#[path = "support/scrape.rs"]
+mod scrape;
 
 use measure::usage;
 use nix::sys::resource::UsageWho;
@@ -39,8 +42,12 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// A pipeline named `name` publishing to topics prefixed `prefix`, its data under `dir`.
-fn pipeline(dir: &Path, name: &str, prefix: &str) -> std::path::PathBuf {
+/// Where the measured pipeline serves `/metrics`.
+const METRICS_PORT: u16 = 19470;
+
+/// A pipeline named `name` publishing to topics prefixed `prefix`, its data under `dir`;
+/// `metrics` for the one process whose metrics are read.
+fn pipeline(dir: &Path, name: &str, prefix: &str, metrics: bool) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let yaml = format!(
         "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  \
@@ -49,7 +56,7 @@ fn pipeline(dir: &Path, name: &str, prefix: &str) -> std::path::PathBuf {
          sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n    roll: {{ max_age: 1s }}\n",
         data = dir.join("data").display(),
         lake = dir.join("lake").display(),
-    );
+    ) + &if metrics { format!("metrics:\n  listen: 127.0.0.1:{METRICS_PORT}\n") } else { String::new() };
     let file = dir.join("pipeline.yaml");
     std::fs::write(&file, yaml).unwrap();
     file
@@ -114,7 +121,8 @@ async fn drain(work: &Path, prefix: &str, topic: &str, processes: usize, admin: 
     let name = format!("{prefix}_drain{processes}");
     let probe = client(&format!("sluice.{name}.lake"));
     let total = readable(&probe, topic);
-    let files: Vec<_> = (0..processes).map(|i| pipeline(&work.join(format!("{name}_{i}")), &name, prefix)).collect();
+    let files: Vec<_> =
+        (0..processes).map(|i| pipeline(&work.join(format!("{name}_{i}")), &name, prefix, false)).collect();
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
     let children: Vec<_> = files.iter().map(|f| start_sluice(f)).collect();
@@ -168,7 +176,7 @@ async fn main() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let name = format!("bench_kafka_{}", std::process::id());
-    let file = pipeline(dir.path(), &name, &name);
+    let file = pipeline(dir.path(), &name, &name, true);
     let topic = format!("{name}.public.events");
     let consumer: BaseConsumer = client(&name);
 
@@ -251,8 +259,7 @@ async fn main() {
             }
         }
     }
-    // The disk under this load: every change waits for one fsync of the log before it is
-    // produced, so the filesystem's own fsync latency meanwhile bounds the tail.
+    // The disk under this load, which PostgreSQL's commits (and the broker) wait on.
     let probe_stop = Arc::new(AtomicBool::new(false));
     let probe = {
         let (stop, file) = (probe_stop.clone(), dir.path().join("fsync-probe"));
@@ -260,14 +267,20 @@ async fn main() {
     };
     let per_batch = rate / 100;
     let total = per_batch * 100 * seconds;
+    // Each write's round trip: PostgreSQL's own commit, WAL flush included, which a change
+    // waits for (from its commit timestamp) before the server sends it to any replica.
     let writer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut next = first_timed;
+        let mut round_trips = Vec::with_capacity(100 * seconds);
         for _ in 0..(100 * seconds) {
             tick.tick().await;
+            let started = Instant::now();
             insert(&db, next, per_batch).await;
+            round_trips.push(started.elapsed().as_millis() as i64);
             next += per_batch;
         }
+        round_trips
     });
     let mut latencies = Vec::with_capacity(total);
     // The two halves: commit to the envelope's `ts_ms` (sluice encodes it as it produces),
@@ -288,11 +301,12 @@ async fn main() {
             to_read.push(now_ms - produced);
         }
     }
-    writer.await.unwrap();
+    let mut round_trips = writer.await.unwrap();
     probe_stop.store(true, Ordering::Release);
     let mut fsyncs = probe.join().unwrap();
+    let page = scrape::metrics_page(METRICS_PORT);
     stop_sluice(child);
-    for part in [&mut latencies, &mut to_produce, &mut to_read, &mut fsyncs] {
+    for part in [&mut latencies, &mut to_produce, &mut to_read, &mut fsyncs, &mut round_trips] {
         part.sort_unstable();
     }
     println!(
@@ -314,6 +328,19 @@ async fn main() {
         percentile(&fsyncs, 0.50),
         percentile(&fsyncs, 0.99),
         fsyncs.last().unwrap()
+    );
+    println!(
+        "  PostgreSQL's own commit meanwhile (the writer's INSERT of {per_batch} rows, round trip): p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&round_trips, 0.50),
+        percentile(&round_trips, 0.99),
+        round_trips.last().unwrap()
+    );
+    let quantile = |q| scrape::summary_quantile(&page, "sluice_log_commit_seconds", q).unwrap_or(f64::NAN) * 1000.0;
+    println!(
+        "  sluice's log commits (no fsync; checkpointed every second): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        quantile("0.5"),
+        quantile("0.99"),
+        quantile("1")
     );
 
     // The broker's own latency at the same rate: an rdkafka producer with sluice's settings,
