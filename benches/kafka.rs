@@ -25,6 +25,8 @@ mod scrape;
 
 use measure::usage;
 use nix::sys::resource::UsageWho;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -74,13 +76,23 @@ fn readable(consumer: &BaseConsumer, topic: &str) -> i64 {
 }
 
 async fn insert(db: &tokio_postgres::Client, from: usize, n: usize) {
+    insert_into(db, "events", from, n).await
+}
+
+async fn insert_into(db: &tokio_postgres::Client, table: &str, from: usize, n: usize) {
     db.batch_execute(&format!(
-        "INSERT INTO events SELECT g, g % 1000, (g % 100000) / 100.0, 'note ' || g, now() \
+        "INSERT INTO {table} SELECT g, g % 1000, (g % 100000) / 100.0, 'note ' || g, now() \
          FROM generate_series({from}, {}) g",
         from + n - 1
     ))
     .await
     .unwrap();
+}
+
+/// Bytes a process has caused to be written to storage, from /proc.
+fn write_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")?.parse().ok()).unwrap()
 }
 
 /// `sluice run FILE` in the background, logging warnings only.
@@ -232,6 +244,25 @@ async fn main() {
     // Latency at a fixed rate: commit time (source.ts_ms) to readable by a consumer.
     let seconds = env_usize("SLUICE_BENCH_SECONDS", 20);
     println!("latency at {rate} changes/s for {seconds} s (batches of {} every 10 ms)", rate / 100);
+    // PostgreSQL alone at the same rate first (into a table no pipeline captures): its commit
+    // round trip with nothing else writing.
+    db.batch_execute("CREATE TABLE events_alone (LIKE events INCLUDING ALL)").await.unwrap();
+    let mut alone = Vec::with_capacity(500);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..500 {
+        tick.tick().await;
+        let started = Instant::now();
+        insert_into(&db, "events_alone", 1 + i * (rate / 100), rate / 100).await;
+        alone.push(started.elapsed().as_micros() as i64);
+    }
+    alone.sort_unstable();
+    println!(
+        "  PostgreSQL alone for 5 s (INSERT of {} rows every 10 ms, round trip): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        rate / 100,
+        percentile(&alone, 0.50) as f64 / 1000.0,
+        percentile(&alone, 0.99) as f64 / 1000.0,
+        *alone.last().unwrap() as f64 / 1000.0
+    );
     let child = start_sluice(&file);
     let reader: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", BROKER)
@@ -267,6 +298,7 @@ async fn main() {
     };
     let per_batch = rate / 100;
     let total = per_batch * 100 * seconds;
+    let written_before = write_bytes(child.id());
     // Each write's round trip: PostgreSQL's own commit, WAL flush included, which a change
     // waits for (from its commit timestamp) before the server sends it to any replica.
     let writer = tokio::spawn(async move {
@@ -305,6 +337,7 @@ async fn main() {
     probe_stop.store(true, Ordering::Release);
     let mut fsyncs = probe.join().unwrap();
     let page = scrape::metrics_page(METRICS_PORT);
+    let written = write_bytes(child.id()) - written_before;
     stop_sluice(child);
     for part in [&mut latencies, &mut to_produce, &mut to_read, &mut fsyncs, &mut round_trips] {
         part.sort_unstable();
@@ -334,6 +367,10 @@ async fn main() {
         percentile(&round_trips, 0.50),
         percentile(&round_trips, 0.99),
         round_trips.last().unwrap()
+    );
+    println!(
+        "  sluice wrote {:.1} MiB/s to disk meanwhile (its logs, the Kafka buffer and the Parquet files)",
+        written as f64 / 1048576.0 / seconds as f64
     );
     let quantile = |q| scrape::summary_quantile(&page, "sluice_log_commit_seconds", q).unwrap_or(f64::NAN) * 1000.0;
     println!(
@@ -390,6 +427,22 @@ async fn main() {
         );
     }
     drop_slot(&admin, &format!("sluice_{name}")).await;
+    delete_topics(&consumer, &name).await;
+}
+
+/// Deletes this run's topics, so the broker's data does not grow from run to run (the test
+/// broker rewrites all of it every few seconds, and a later run would wait on that).
+async fn delete_topics(consumer: &BaseConsumer, name: &str) {
+    let meta = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let ours: Vec<String> = meta.topics().iter().map(|t| t.name().to_string()).filter(|t| t.contains(name)).collect();
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).create().unwrap();
+    let names: Vec<&str> = ours.iter().map(String::as_str).collect();
+    for result in admin.delete_topics(&names, &AdminOptions::new()).await.unwrap() {
+        if let Err((topic, code)) = result {
+            eprintln!("warning: could not delete topic {topic}: {code}");
+        }
+    }
 }
 
 /// Drops a stopped pipeline's slot (an inactive slot would hold WAL), once its walsender is gone.
