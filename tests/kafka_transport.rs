@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::kafka::TopicCleanup;
 use support::{eventually, run_until_idle, seed, sluice, Running, TestDb};
 
 const BROKER: &str = "127.0.0.1:9092";
@@ -57,6 +58,7 @@ fn kcat_records(topic: &str, brokers: &str) -> Vec<(i32, String, Option<serde_js
 #[tokio::test]
 async fn every_op_lands_as_a_debezium_envelope() {
     let src = TestDb::new("kt_envelope").await;
+    let _topics = TopicCleanup::new(BROKER, &src.pipeline());
     src.client
         .batch_execute(
             "CREATE TABLE items (id bigint PRIMARY KEY, name text, amount numeric(10,2), at timestamptz, \
@@ -220,6 +222,7 @@ async fn await_parity(src: &TestDb, dst: &TestDb, limit: Duration) {
 async fn two_processes_share_the_partitions_and_a_killed_one_loses_nothing() {
     let mut rng = StdRng::seed_from_u64(seed());
     let src = TestDb::new("kt_scale").await;
+    let _topics = TopicCleanup::new(BROKER, &src.pipeline());
     let dst = TestDb::new("kt_scale_dst").await;
     src.client.batch_execute(ACCOUNTS).await.unwrap();
     dst.client.batch_execute(MIRROR).await.unwrap();
@@ -410,6 +413,7 @@ async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
         .await
         .unwrap();
     let topic = format!("dbserver1.inventory.customers_{}", std::process::id());
+    let _topics = TopicCleanup::new(BROKER, &topic);
     let admin: rdkafka::admin::AdminClient<_> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).create().unwrap();
     admin
@@ -485,6 +489,7 @@ async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
 async fn a_mongodb_collection_lands_as_the_mongodb_connectors_envelope() {
     use mongodb::bson::{doc, DateTime, Document};
     let m = support::mongo::TestMongo::new("kt_mongo").await;
+    let _topics = TopicCleanup::new(BROKER, &m.name);
     let orders = m.db.collection::<Document>("orders");
     orders
         .insert_many([
@@ -563,6 +568,7 @@ async fn a_mongodb_collection_lands_as_the_mongodb_connectors_envelope() {
 #[tokio::test]
 async fn transactions_are_bounded_in_the_transaction_topic() {
     let src = TestDb::new("kt_txmeta").await;
+    let _topics = TopicCleanup::new(BROKER, &src.pipeline());
     src.client
         .batch_execute(
             "CREATE TABLE items (id bigint PRIMARY KEY, name text);

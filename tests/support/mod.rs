@@ -2,6 +2,7 @@
 //! real `sluice` binary, and a changelog reader that replays Parquet files in position order.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod lake;
 pub mod mongo;
 pub mod mongo_proxy;
