@@ -137,7 +137,7 @@ pub struct KafkaPublisher {
     envelope: EnvelopeWriter,
     log: EmbeddedLog,
     /// Each schema with its encoded header, looked up once.
-    schemas: HashMap<u32, (Arc<TableSchema>, Vec<u8>)>,
+    schemas: HashMap<u32, (Arc<TableSchema>, Arc<[u8]>)>,
     /// Records accepted but not produced yet: new ones, or ones whose delivery failed.
     unsent: VecDeque<LogRecord>,
     in_flight: VecDeque<InFlight>,
@@ -225,13 +225,13 @@ impl KafkaPublisher {
         })
     }
 
-    async fn schema(&mut self, id: u32) -> Result<(Arc<TableSchema>, Vec<u8>)> {
+    async fn schema(&mut self, id: u32) -> Result<(Arc<TableSchema>, Arc<[u8]>)> {
         if let Some(s) = self.schemas.get(&id) {
             return Ok(s.clone());
         }
         let schema =
             self.log.schema(id).await?.ok_or_else(|| Error::Storage(format!("schema {id} is not registered")))?;
-        let encoded = postcard::to_allocvec(&schema)?;
+        let encoded: Arc<[u8]> = postcard::to_allocvec(&schema)?.into();
         let entry = (Arc::new(schema), encoded);
         self.schemas.insert(id, entry.clone());
         Ok(entry)
@@ -306,7 +306,7 @@ impl KafkaPublisher {
         let encoded = postcard::to_allocvec(event.as_ref())?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: EVENT_HEADER, value: Some(encoded.as_slice()) })
-            .insert(Header { key: SCHEMA_HEADER, value: Some(schema_bytes.as_slice()) });
+            .insert(Header { key: SCHEMA_HEADER, value: Some(&schema_bytes[..]) });
         // A truncate has no key, and every key's partition must see it in order.
         let targets: Vec<Option<i32>> =
             if event.op == Op::Truncate { (0..partitions).map(Some).collect() } else { vec![None] };

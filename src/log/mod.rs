@@ -178,6 +178,7 @@ impl EmbeddedLog {
         let head = self.head();
         self.undurable.store(false, Ordering::Release);
         let db = self.db.clone();
+        let started = std::time::Instant::now();
         blocking(move || {
             let mut tx = db.begin_write()?;
             tx.set_durability(Durability::Immediate)?;
@@ -185,6 +186,7 @@ impl EmbeddedLog {
             Ok(())
         })
         .await?;
+        metrics::histogram!("sluice_log_checkpoint_seconds").record(started.elapsed().as_secs_f64());
         self.durable.send_if_modified(|d| {
             let moved = head > *d;
             *d = (*d).max(head);

@@ -42,7 +42,12 @@ fn register_metrics(sinks: &[String]) {
     describe_counter!("sluice_events_out_total", "Change events made durable in a sink");
     describe_gauge!("sluice_source_lag_bytes", Unit::Bytes, "Server WAL position minus the acknowledged position");
     describe_gauge!("sluice_source_lag_seconds", Unit::Seconds, "Age of the newest change appended while changes flow");
-    describe_histogram!("sluice_log_commit_seconds", Unit::Seconds, "Latency of one durable log commit");
+    describe_histogram!("sluice_log_commit_seconds", Unit::Seconds, "Latency of one log commit by the source");
+    describe_histogram!(
+        "sluice_log_checkpoint_seconds",
+        Unit::Seconds,
+        "Latency of one checkpoint (fsync) of a deferred log: Kafka transport staging and sink buffers"
+    );
     describe_histogram!("sluice_sink_batch_seconds", Unit::Seconds, "Latency of one sink batch");
     describe_counter!("sluice_retries_total", "Retries after transient errors, by stage");
     describe_gauge!("sluice_sink_behind_events", "Events in the log not yet durable in the sink");
