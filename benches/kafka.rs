@@ -220,10 +220,12 @@ async fn main() {
          CPU {:.2} s per million (whole process, incl. its own consumer and Parquet sink), peak RSS {rss:.0} MiB",
         (cpu1 - cpu0) / changes as f64 * 1e6
     );
-    println!(
-        "    of which start-up until the first {first_n} changes were readable: {first_at:.2} s; from then on {:.0} changes/s",
-        (changes as i64 - first_n) as f64 / (took - first_at)
-    );
+    if first_n < changes as i64 {
+        println!(
+            "    of which start-up until the first {first_n} changes were readable: {first_at:.2} s; from then on {:.0} changes/s",
+            (changes as i64 - first_n) as f64 / (took - first_at)
+        );
+    }
 
     // kcat: the same number of messages of the same key and value sizes, same producer settings.
     let sample = Command::new("kcat")
