@@ -22,11 +22,11 @@ mod postgres;
 #[allow(dead_code)]
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "../tests/support/kafka.rs"]
+mod topics;
 
 use measure::usage;
 use nix::sys::resource::UsageWho;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -36,6 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topics::TopicCleanup;
 
 const DB: &str = "sluice_bench_kafka";
 const BROKER: &str = "127.0.0.1:9092";
@@ -87,6 +88,26 @@ async fn insert_into(db: &tokio_postgres::Client, table: &str, from: usize, n: u
     ))
     .await
     .unwrap();
+}
+
+/// Inserts `per_batch` rows into `table` every 10 ms, `batches` times, ids from `from`; returns
+/// each INSERT's round trip in microseconds (PostgreSQL's commit, WAL flush included).
+async fn write_every_10ms(
+    db: &tokio_postgres::Client,
+    table: &str,
+    from: usize,
+    per_batch: usize,
+    batches: usize,
+) -> Vec<i64> {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut round_trips = Vec::with_capacity(batches);
+    for i in 0..batches {
+        tick.tick().await;
+        let started = Instant::now();
+        insert_into(db, table, from + i * per_batch, per_batch).await;
+        round_trips.push(started.elapsed().as_micros() as i64);
+    }
+    round_trips
 }
 
 /// Bytes a process has caused to be written to storage, from /proc.
@@ -188,6 +209,9 @@ async fn main() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let name = format!("bench_kafka_{}", std::process::id());
+    // Deleted at the end, so the broker's data does not grow from run to run (the test broker
+    // rewrites all of it every few seconds, and a later run would wait on that).
+    let _topics = TopicCleanup::new(BROKER, &name);
     let file = pipeline(dir.path(), &name, &name, true);
     let topic = format!("{name}.public.events");
     let consumer: BaseConsumer = client(&name);
@@ -262,14 +286,7 @@ async fn main() {
     // PostgreSQL alone at the same rate first (into a table no pipeline captures): its commit
     // round trip with nothing else writing.
     db.batch_execute("CREATE TABLE events_alone (LIKE events INCLUDING ALL)").await.unwrap();
-    let mut alone = Vec::with_capacity(500);
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    for i in 0..500 {
-        tick.tick().await;
-        let started = Instant::now();
-        insert_into(&db, "events_alone", 1 + i * (rate / 100), rate / 100).await;
-        alone.push(started.elapsed().as_micros() as i64);
-    }
+    let mut alone = write_every_10ms(&db, "events_alone", 1, rate / 100, 500).await;
     alone.sort_unstable();
     println!(
         "  PostgreSQL alone for 5 s (INSERT of {} rows every 10 ms, round trip): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -316,19 +333,8 @@ async fn main() {
     let written_before = write_bytes(child.id());
     // Each write's round trip: PostgreSQL's own commit, WAL flush included, which a change
     // waits for (from its commit timestamp) before the server sends it to any replica.
-    let writer = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let mut next = first_timed;
-        let mut round_trips = Vec::with_capacity(100 * seconds);
-        for _ in 0..(100 * seconds) {
-            tick.tick().await;
-            let started = Instant::now();
-            insert(&db, next, per_batch).await;
-            round_trips.push(started.elapsed().as_millis() as i64);
-            next += per_batch;
-        }
-        round_trips
-    });
+    let writer =
+        tokio::spawn(async move { write_every_10ms(&db, "events", first_timed, per_batch, 100 * seconds).await });
     let mut latencies = Vec::with_capacity(total);
     // The two halves: commit to the envelope's `ts_ms` (sluice encodes it as it produces),
     // and from then until the reader has it (producer batching, broker, fetch).
@@ -378,10 +384,10 @@ async fn main() {
         fsyncs.last().unwrap()
     );
     println!(
-        "  PostgreSQL's own commit meanwhile (the writer's INSERT of {per_batch} rows, round trip): p50 {} ms, p99 {} ms, max {} ms",
-        percentile(&round_trips, 0.50),
-        percentile(&round_trips, 0.99),
-        round_trips.last().unwrap()
+        "  PostgreSQL's own commit meanwhile (the writer's INSERT of {per_batch} rows, round trip): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&round_trips, 0.50) as f64 / 1000.0,
+        percentile(&round_trips, 0.99) as f64 / 1000.0,
+        *round_trips.last().unwrap() as f64 / 1000.0
     );
     println!(
         "  sluice wrote {:.1} MiB/s to disk meanwhile (its logs, the Kafka buffer and the Parquet files)",
@@ -442,22 +448,6 @@ async fn main() {
         );
     }
     drop_slot(&admin, &format!("sluice_{name}")).await;
-    delete_topics(&consumer, &name).await;
-}
-
-/// Deletes this run's topics, so the broker's data does not grow from run to run (the test
-/// broker rewrites all of it every few seconds, and a later run would wait on that).
-async fn delete_topics(consumer: &BaseConsumer, name: &str) {
-    let meta = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
-    let ours: Vec<String> = meta.topics().iter().map(|t| t.name().to_string()).filter(|t| t.contains(name)).collect();
-    let admin: AdminClient<DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", BROKER).create().unwrap();
-    let names: Vec<&str> = ours.iter().map(String::as_str).collect();
-    for result in admin.delete_topics(&names, &AdminOptions::new()).await.unwrap() {
-        if let Err((topic, code)) = result {
-            eprintln!("warning: could not delete topic {topic}: {code}");
-        }
-    }
 }
 
 /// Drops a stopped pipeline's slot (an inactive slot would hold WAL), once its walsender is gone.

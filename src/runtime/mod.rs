@@ -85,8 +85,7 @@ fn stages_for_kafka(pipeline: &Pipeline) -> bool {
 
 /// Runs until `shutdown` (or idle, with `until_idle`); returns the first fatal error.
 pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) -> Result<()> {
-    let deferred = stages_for_kafka(&pipeline);
-    let log = match deferred {
+    let log = match stages_for_kafka(&pipeline) {
         true => EmbeddedLog::open_deferred(pipeline.transport.path())?,
         false => open_log(&pipeline)?,
     };
@@ -237,7 +236,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
     tasks.spawn(async move { source_task.await.map_err(|e| ("source".to_string(), e)) });
     let mut deferred_logs: Vec<(EmbeddedLog, Option<AckGate>)> =
         inputs.iter().filter(|l| l.deferred() && l.dir() != log.dir()).map(|l| (l.clone(), None)).collect();
-    if deferred {
+    if log.deferred() {
         deferred_logs.push((log.clone(), Some(ack_gate.clone())));
     }
     for (log, gate) in &deferred_logs {
@@ -326,7 +325,7 @@ pub async fn run(pipeline: Pipeline, options: RunOptions, shutdown: Shutdown) ->
         }
     }
     // What the sinks, their feeds and the publisher recorded while stopping becomes durable too.
-    for (log, _) in &deferred_logs {
+    for (log, _) in deferred_logs.iter().filter(|(log, _)| log.needs_checkpoint()) {
         if let Err(e) = log.checkpoint().await {
             first_error.get_or_insert(e);
         }
