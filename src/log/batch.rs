@@ -145,6 +145,7 @@ impl WriteBatch {
                 None => None,
             };
             let mut segment = Segment::default();
+            let mut staged_segment = StagedSegment::default();
             let mut append = |event: ChangeEvent, toast: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
                 if event.position.phase == Phase::Change && !unguarded {
                     if last_change.is_some_and(|last| event.position <= last) {
@@ -164,18 +165,23 @@ impl WriteBatch {
                 Ok(())
             };
             for step in steps {
+                if !matches!(step, Step::Stage { .. }) {
+                    // Everything else may read the staging table: it sees every change staged.
+                    staged_segment.flush(&mut staging)?;
+                }
                 match step {
                     Step::Append(event) => append(event, &mut toast)?,
                     Step::Stage { top_xid, sub_xid, seq, event } => {
-                        let encoded = postcard::to_allocvec(&(sub_xid, event))?;
-                        staging.insert((top_xid, seq), encoded.as_slice())?;
+                        if !staged_segment.continues(top_xid) {
+                            staged_segment.flush(&mut staging)?;
+                        }
+                        staged_segment.push(top_xid, seq, sub_xid, &event)?;
                     }
                     Step::Promote { top_xid, commit_lsn, commit_ts_us } => {
                         let mut staged = Vec::new();
                         for entry in staging.range((top_xid, 0)..=(top_xid, u64::MAX))? {
                             let (_, v) = entry?;
-                            let (_, event): (u32, ChangeEvent) = postcard::from_bytes(v.value())?;
-                            staged.push(event);
+                            staged.extend(decode_staged(v.value())?.into_iter().map(|(_, event)| event));
                         }
                         for (ordinal, mut event) in staged.into_iter().enumerate() {
                             event.position = Position::change(commit_lsn, ordinal as u64);
@@ -184,14 +190,29 @@ impl WriteBatch {
                         }
                         staging.retain_in((top_xid, 0)..=(top_xid, u64::MAX), |_, _| false)?;
                     }
+                    Step::Abort { top_xid, sub_xid } if top_xid == sub_xid => {
+                        staging.retain_in((top_xid, 0)..=(top_xid, u64::MAX), |_, _| false)?;
+                    }
                     Step::Abort { top_xid, sub_xid } => {
-                        let whole = top_xid == sub_xid;
-                        staging.retain_in((top_xid, 0)..=(top_xid, u64::MAX), |_, v| {
-                            !whole
-                                && postcard::from_bytes::<(u32, ChangeEvent)>(v)
-                                    .map(|(s, _)| s != sub_xid)
-                                    .unwrap_or(true)
-                        })?;
+                        // A segment holding changes of the aborted subtransaction keeps the rest.
+                        let mut rewrites = Vec::new();
+                        for entry in staging.range((top_xid, 0)..=(top_xid, u64::MAX))? {
+                            let (k, v) = entry?;
+                            let changes = decode_staged(v.value())?;
+                            if changes.iter().any(|(s, _)| *s == sub_xid) {
+                                let mut kept = Vec::new();
+                                for change in changes.iter().filter(|(s, _)| *s != sub_xid) {
+                                    kept = postcard::to_extend(change, kept)?;
+                                }
+                                rewrites.push((k.value(), kept));
+                            }
+                        }
+                        for (k, kept) in rewrites {
+                            match kept.is_empty() {
+                                true => staging.remove(k)?,
+                                false => staging.insert(k, kept.as_slice())?,
+                            };
+                        }
                     }
                     Step::Meta(key, value) => {
                         meta.insert(key.as_str(), value.as_slice())?;
@@ -202,6 +223,7 @@ impl WriteBatch {
                 }
             }
             segment.flush(&mut events)?;
+            staged_segment.flush(&mut staging)?;
             if let Some(last) = last_change {
                 meta.insert(LAST_CHANGE, postcard::to_allocvec(&last)?.as_slice())?;
             }
@@ -251,6 +273,53 @@ impl Segment {
         }
         Ok(())
     }
+}
+
+/// Changes of one streamed transaction being packed into one staging entry, keyed by the
+/// transaction and its first change's sequence number: the postcard encodings of
+/// `(subtransaction, event)` back to back (an entry of one change is the form of releases that
+/// staged each change on its own).
+#[derive(Default)]
+struct StagedSegment {
+    buf: Vec<u8>,
+    count: usize,
+    key: (u32, u64),
+}
+
+impl StagedSegment {
+    /// Whether a change of `top_xid` can join this segment.
+    fn continues(&self, top_xid: u32) -> bool {
+        self.count == 0 || (self.key.0 == top_xid && self.count < SEGMENT_EVENTS && self.buf.len() < SEGMENT_BYTES)
+    }
+
+    fn push(&mut self, top_xid: u32, seq: u64, sub_xid: u32, event: &ChangeEvent) -> Result<()> {
+        if self.count == 0 {
+            self.buf.clear();
+            self.key = (top_xid, seq);
+        }
+        self.buf = postcard::to_extend(&(sub_xid, event), std::mem::take(&mut self.buf))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self, staging: &mut redb::Table<(u32, u64), &[u8]>) -> Result<()> {
+        if self.count > 0 {
+            staging.insert(self.key, self.buf.as_slice())?;
+            self.count = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a staging entry into its `(subtransaction, event)` changes, in order.
+fn decode_staged(mut raw: &[u8]) -> Result<Vec<(u32, ChangeEvent)>> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let (change, rest) = postcard::take_from_bytes::<(u32, ChangeEvent)>(raw)?;
+        out.push(change);
+        raw = rest;
+    }
+    Ok(out)
 }
 
 /// Decodes a segment into `(offset, event, encoded bytes)`.

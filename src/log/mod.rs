@@ -541,6 +541,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streamed_transaction_lands_in_order_without_its_aborted_subtransaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        // Transaction 7 streams 2,500 changes over two batches (segments of 1,024 fill and
+        // split); every third change belongs to subtransaction 8, which aborts. Transaction 9
+        // interleaves and aborts whole.
+        let mut seq = 0u64;
+        for _ in 0..2 {
+            let mut batch = WriteBatch::new();
+            for _ in 0..1250 {
+                let sub = if seq % 3 == 2 { 8 } else { 7 };
+                batch.stage(7, sub, seq, event(Position::change(0, 0), seq as i64, 4));
+                batch.stage(9, 9, seq, event(Position::change(0, 0), -1, 4));
+                seq += 1;
+            }
+            log.commit(batch).await.unwrap();
+        }
+        let mut batch = WriteBatch::new();
+        batch.abort(7, 8);
+        batch.abort(9, 9);
+        batch.promote(7, 500, 42);
+        let head = log.commit(batch).await.unwrap();
+        let kept: Vec<i64> = (0..2500).filter(|i| i % 3 != 2).collect();
+        assert_eq!(head, kept.len() as u64);
+        let read = log.read(1, usize::MAX, usize::MAX).await.unwrap();
+        let ids: Vec<i64> = read
+            .iter()
+            .map(|r| match r.event.key[0] {
+                Value::Int(i) => i,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(ids, kept);
+        assert!(read
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.event.position == Position::change(500, i as u64) && r.event.commit_ts_us == 42));
+        // Nothing is left staged: a later promote of either transaction lands nothing.
+        let mut batch = WriteBatch::new();
+        batch.promote(9, 600, 0);
+        batch.promote(7, 700, 0);
+        assert_eq!(log.commit(batch).await.unwrap(), head);
+    }
+
+    #[tokio::test]
     async fn sink_cursors_never_move_backward() {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path()).unwrap();
