@@ -322,7 +322,14 @@ fn json_text(value: Option<&Value>) -> Option<&str> {
 
 /// Writes `s` as a JSON string literal.
 pub(super) fn json_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+    // Column names and most values need no escape: copied as they are, with no allocation.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+    }
 }
 
 fn opt_json_str(out: &mut String, s: Option<&str>) {

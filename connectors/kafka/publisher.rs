@@ -319,9 +319,12 @@ impl KafkaPublisher {
                 );
             }
         }
-        for partition in targets {
-            deliveries
-                .push(self.send(&topic, key.as_deref(), Some(&value), Some(headers.clone()), partition, record).await?);
+        let last = targets.len() - 1;
+        let mut headers = Some(headers);
+        for (i, partition) in targets.into_iter().enumerate() {
+            // Copied only for a truncate's extra partitions: a copy costs as much as the encoding.
+            let h = if i == last { headers.take() } else { headers.clone() };
+            deliveries.push(self.send(&topic, key.as_deref(), Some(&value), h, partition, record).await?);
         }
         if event.op == Op::Delete {
             // Debezium's tombstone, so log compaction can drop the key.
@@ -341,24 +344,17 @@ impl KafkaPublisher {
         partition: Option<i32>,
         record: &LogRecord,
     ) -> Result<DeliveryFuture> {
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        r.key = key;
+        r.payload = value;
+        r.headers = headers;
+        r.partition = partition;
         loop {
-            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-            if let Some(k) = key {
-                r = r.key(k);
-            }
-            if let Some(v) = value {
-                r = r.payload(v);
-            }
-            if let Some(h) = headers.clone() {
-                r = r.headers(h);
-            }
-            if let Some(p) = partition {
-                r = r.partition(p);
-            }
             match self.producer.send_result(r) {
                 Ok(delivery) => return Ok(delivery),
                 // The local queue is full: wait for the oldest delivery, then try again.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    r = back;
                     if !self.settle_front(true).await? {
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                     }
