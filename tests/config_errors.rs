@@ -619,6 +619,30 @@ fn kafka_transport_mistakes_are_named_with_their_fix() {
     refused_with_fixes(dir.path(), &cases);
 }
 
+#[test]
+fn only_a_pipeline_that_publishes_to_kafka_may_have_no_sinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinkless =
+        GOOD.replace("sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n", "sinks: []\n");
+    let publisher = format!("{sinkless}{}", KAFKA.replace("${env:SLUICE_TEST_KAFKA_PW}", "pw"));
+    let out = sluice(&["validate", write(dir.path(), &publisher).to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("transport: kafka 127.0.0.1:9092 topics shop.*"));
+    let fix = "only a pipeline that publishes to Kafka, `transport: { type: kafka }`, may have none";
+    refused_with_fixes(
+        dir.path(),
+        &[
+            (sinkless.clone(), "bad.yaml:6:8: sinks: the list is empty", fix),
+            (
+                KAFKA_SOURCE
+                    .replace("sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n", "sinks: []\n"),
+                "sinks: the list is empty",
+                fix,
+            ),
+        ],
+    );
+}
+
 const KAFKA_SOURCE: &str =
     "name: mirror\nsource:\n  type: kafka\n  brokers: 127.0.0.1:9092\n  topics: [dbserver1.inventory.customers]\n\
     sinks:\n  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n";

@@ -144,11 +144,14 @@ pub fn validate(file: &Path, raw: RawPipeline) -> Result<Pipeline, ConfigError> 
         SourceConfig::Mongodb(m) => super::mongo::mongo_tables(m),
         SourceConfig::Kafka(_) => Vec::new(),
     };
-    if raw.sinks.value.is_empty() {
+    // Publishing to Kafka is a use of its own: other consumers read the topics.
+    let publishes = matches!(transport, TransportConfig::Kafka(_)) && !matches!(source, SourceConfig::Kafka(_));
+    if raw.sinks.value.is_empty() && !publishes {
         return Err(cx.err(
             &raw.sinks,
             "sinks: the list is empty",
-            "declare at least one sink, e.g. `- { name: lake, type: parquet, url: file:///tmp/lake/ }`",
+            "declare at least one sink, e.g. `- { name: lake, type: parquet, url: file:///tmp/lake/ }` \
+             (only a pipeline that publishes to Kafka, `transport: { type: kafka }`, may have none)",
         ));
     }
     let mut sinks = Vec::new();
