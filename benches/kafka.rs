@@ -2,11 +2,12 @@
 //! next to a `kcat` produce of the same number of same-sized messages in the same run.
 //!
 //! Prints changes/s from the slot into Kafka (the time until every change is readable), CPU
-//! seconds per million changes and peak RSS of sluice, the kcat rate, and the latency from
-//! source commit to readable in Kafka at a fixed rate, split at the moment sluice produces,
-//! next to the broker's own send-to-acknowledged latency at that rate and the filesystem's
-//! fsync latency meanwhile. Then the consuming side's scale-out: one and two processes of a
-//! new group draining the topic into Parquet.
+//! seconds per million changes and peak RSS of sluice, the kcat rate, and PostgreSQL's own
+//! decoding rate of the same changes (the ceiling of any pgoutput client); the consuming side's
+//! scale-out (one and two processes of a new group draining the topic into Parquet); then, on
+//! topics of their own, the latency from source commit to readable in Kafka at a fixed rate,
+//! split at the moment sluice produces, next to the broker's own send-to-acknowledged latency
+//! at that rate and the filesystem's fsync latency meanwhile.
 //!
 //!   cargo bench --bench kafka               (after scripts/services.sh)
 //!   SLUICE_BENCH_CHANGES=50000 SLUICE_BENCH_RATE=5000 cargo bench --bench kafka
@@ -48,18 +49,24 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// Where the measured pipeline serves `/metrics`.
 const METRICS_PORT: u16 = 19470;
 
-/// A pipeline named `name` publishing to topics prefixed `prefix`, its data under `dir`;
-/// `metrics` for the one process whose metrics are read.
-fn pipeline(dir: &Path, name: &str, prefix: &str, metrics: bool) -> std::path::PathBuf {
+/// A pipeline named `name` publishing to topics prefixed `prefix`, its data under `dir`, with a
+/// Parquet sink reading the topics back when `sink` (without one, it only publishes); `metrics`
+/// for the one process whose metrics are read.
+fn pipeline(dir: &Path, name: &str, prefix: &str, sink: bool, metrics: bool) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let yaml = format!(
         "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  \
          tables: [public.events]\n  snapshot: never\n  heartbeat: 1s\ntransport:\n  type: kafka\n  brokers: {BROKER}\n  \
-         topic_prefix: {prefix}\n  partitions: 4\n  path: {data}\n  producer: {{ compression: zstd, linger_ms: 5 }}\n\
-         sinks:\n  - name: lake\n    type: parquet\n    url: file://{lake}/\n    roll: {{ max_age: 1s }}\n",
+         topic_prefix: {prefix}\n  partitions: 4\n  path: {data}\n  producer: {{ compression: zstd, linger_ms: 5 }}\n",
         data = dir.join("data").display(),
-        lake = dir.join("lake").display(),
-    ) + &if metrics { format!("metrics:\n  listen: 127.0.0.1:{METRICS_PORT}\n") } else { String::new() };
+    ) + &if sink {
+        format!(
+            "sinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_age: 1s }}\n",
+            dir.join("lake").display()
+        )
+    } else {
+        "sinks: []\n".to_string()
+    } + &if metrics { format!("metrics:\n  listen: 127.0.0.1:{METRICS_PORT}\n") } else { String::new() };
     let file = dir.join("pipeline.yaml");
     std::fs::write(&file, yaml).unwrap();
     file
@@ -155,7 +162,7 @@ async fn drain(work: &Path, prefix: &str, topic: &str, processes: usize, admin: 
     let probe = client(&format!("sluice.{name}.lake"));
     let total = readable(&probe, topic);
     let files: Vec<_> =
-        (0..processes).map(|i| pipeline(&work.join(format!("{name}_{i}")), &name, prefix, false)).collect();
+        (0..processes).map(|i| pipeline(&work.join(format!("{name}_{i}")), &name, prefix, true, false)).collect();
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
     let children: Vec<_> = files.iter().map(|f| start_sluice(f)).collect();
@@ -208,18 +215,43 @@ async fn main() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let name = format!("bench_kafka_{}", std::process::id());
+    let run_name = format!("bench_kafka_{}", std::process::id());
     // Deleted at the end, so the broker's data does not grow from run to run (the test broker
     // rewrites all of it every few seconds, and a later run would wait on that).
-    let _topics = TopicCleanup::new(BROKER, &name);
-    let file = pipeline(dir.path(), &name, &name, true);
+    let _all_topics = TopicCleanup::new(BROKER, &run_name);
+    let name = format!("{run_name}_tp");
+    // The throughput phase's topics go before the latency phase: that broker rewriting them
+    // would otherwise load the disk PostgreSQL's commits wait on, and be measured as latency.
+    let throughput_topics = TopicCleanup::new(BROKER, &name);
+    let file = pipeline(dir.path(), &name, &name, false, true);
     let topic = format!("{name}.public.events");
     let consumer: BaseConsumer = client(&name);
 
-    // The slot and the topic exist before the changes are made.
+    // The slot and the topic exist before the changes are made; so does a second slot, on
+    // which PostgreSQL decodes the same changes with nobody downstream.
     measure::run_sluice(&file);
+    let ceiling_slot = format!("{name}_ceiling");
+    // Separate statements: a slot cannot be created in a transaction that has written.
+    db.batch_execute(&format!("CREATE PUBLICATION {ceiling_slot} FOR TABLE events")).await.unwrap();
+    db.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{ceiling_slot}', 'pgoutput')"))
+        .await
+        .unwrap();
     insert(&db, 1, changes).await;
     println!("PostgreSQL -> Kafka, {changes} inserts (one transaction), 4 partitions, zstd, linger 5 ms");
+    let decoded = Instant::now();
+    db.batch_execute(&format!(
+        "SELECT count(*) FROM pg_logical_slot_get_binary_changes('{ceiling_slot}', NULL, NULL, \
+         'proto_version', '2', 'streaming', 'on', 'publication_names', '{ceiling_slot}')"
+    ))
+    .await
+    .unwrap();
+    let ceiling = changes as f64 / decoded.elapsed().as_secs_f64();
+    db.batch_execute(&format!("SELECT pg_drop_replication_slot('{ceiling_slot}')")).await.unwrap();
+    db.batch_execute(&format!("DROP PUBLICATION {ceiling_slot}")).await.unwrap();
+    println!(
+        "  PostgreSQL's own decoding of them (pgoutput v2 as sluice asks for it, inside the server, \
+         nothing sent): {ceiling:.0} changes/s, the most any pgoutput client can take"
+    );
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
     let child = start_sluice(&file);
@@ -241,7 +273,7 @@ async fn main() {
     let sluice_rate = changes as f64 / took;
     println!(
         "  sluice: {sluice_rate:.0} changes/s ({took:.2} s from start to every change readable), \
-         CPU {:.2} s per million (whole process, incl. its own consumer and Parquet sink), peak RSS {rss:.0} MiB",
+         CPU {:.2} s per million (the whole process, which only publishes), peak RSS {rss:.0} MiB",
         (cpu1 - cpu0) / changes as f64 * 1e6
     );
     if first_n < changes as i64 {
@@ -278,10 +310,31 @@ async fn main() {
     let kcat_took = started.elapsed().as_secs_f64();
     let kcat_rate = changes as f64 / kcat_took;
     println!("  kcat -P: {kcat_rate:.0} messages/s ({kcat_took:.2} s, key {} B, value {} B)", key.len(), value.len());
-    println!("  sluice / kcat: {:.0}%", sluice_rate / kcat_rate * 100.0);
+    println!(
+        "  sluice / kcat: {:.0}%; PostgreSQL's decoding / kcat: {:.0}%",
+        sluice_rate / kcat_rate * 100.0,
+        ceiling / kcat_rate * 100.0
+    );
+
+    // Scale-out of the consuming side: the topic now holds every change above; one, then two
+    // processes of a new pipeline (its own group) read it into Parquet.
+    println!("scale-out: a new group drains the topic ({} messages) into Parquet", readable(&consumer, &topic));
+    for processes in [1, 2] {
+        let (rate, cpu) = drain(dir.path(), &name, &topic, processes, &admin).await;
+        println!(
+            "  {processes} process(es): {rate:.0} messages/s until the group committed all; CPU {cpu:.1} s per million"
+        );
+    }
+    drop_slot(&admin, &format!("sluice_{name}")).await;
+    drop(throughput_topics);
 
     // Latency at a fixed rate: commit time (source.ts_ms) to readable by a consumer.
     let seconds = env_usize("SLUICE_BENCH_SECONDS", 20);
+    let name = format!("{run_name}_lat");
+    let file = pipeline(&dir.path().join("latency"), &name, &name, false, true);
+    let topic = format!("{name}.public.events");
+    let kcat_topic = format!("{name}.alone");
+    measure::run_sluice(&file);
     println!("latency at {rate} changes/s for {seconds} s (batches of {} every 10 ms)", rate / 100);
     // PostgreSQL alone at the same rate first (into a table no pipeline captures): its commit
     // round trip with nothing else writing.
@@ -438,15 +491,6 @@ async fn main() {
         broker.last().unwrap()
     );
 
-    // Scale-out of the consuming side: the topic now holds every change above; one, then two
-    // processes of a new pipeline (its own group) read it into Parquet.
-    println!("scale-out: a new group drains the topic ({} messages) into Parquet", readable(&consumer, &topic));
-    for processes in [1, 2] {
-        let (rate, cpu) = drain(dir.path(), &name, &topic, processes, &admin).await;
-        println!(
-            "  {processes} process(es): {rate:.0} messages/s until the group committed all; CPU {cpu:.1} s per million"
-        );
-    }
     drop_slot(&admin, &format!("sluice_{name}")).await;
 }
 
