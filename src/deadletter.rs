@@ -103,20 +103,13 @@ impl EntryStore {
 
     /// Stores `entry` durably; an entry with the same id keeps its first time and counts attempts.
     pub fn put(&self, mut entry: Entry) -> Result<()> {
-        let io = |e: std::io::Error| Error::Storage(format!("{}: {e}", self.dir.display()));
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
         if let Some(old) = self.get(entry.id)? {
             entry.first_failed_at = old.first_failed_at;
             entry.attempts = entry.attempts.max(old.attempts + 1);
         }
         let text = serde_json::to_vec_pretty(&entry)
             .map_err(|e| Error::Storage(format!("cannot encode dead letter {}: {e}", entry.id)))?;
-        let tmp = self.dir.join(format!(".{:020}.tmp", entry.id));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&text).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, self.path(entry.id)).map_err(io)?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)
+        write_whole(&self.dir, &format!("{:020}.json", entry.id), &text)
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Entry>> {
@@ -152,6 +145,19 @@ impl EntryStore {
             Err(e) => Err(Error::Storage(format!("{}: {e}", self.path(id).display()))),
         }
     }
+}
+
+/// Writes `bytes` as `dir/name` so that after a crash the file is either whole or absent:
+/// written under a temporary name, fsynced, renamed, and the directory fsynced.
+pub fn write_whole(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let io = |e: std::io::Error| Error::Storage(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// Now as RFC 3339, for entry times.

@@ -463,11 +463,15 @@ async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
         vec![row("1", "Anne", "anne2@x"), row("3", "Cy Two", "cy@x"), row("4", "Dee", "dee@x")]
     );
 
-    // A second run resumes from the committed offsets.
+    // A second run resumes from the committed offsets; a record that is not a change record
+    // is set aside with its reason, and the rest goes on.
+    let malformed =
+        (serde_json::json!({"schema": null, "payload": {"id": 6}}).to_string(), Some("not json".to_string()));
     produce(
         &topic,
         &[
             record("u", Some((4, "Dee", "dee@x")), Some((4, "Dee", "dee2@x")), 700),
+            malformed,
             record("d", Some((3, "Cy Two", "cy@x")), None, 800),
             tombstone(3),
             record("c", None, Some((5, "Eve", "eve@x")), 900),
@@ -475,11 +479,28 @@ async fn a_kafka_source_feeds_debezium_topics_to_a_sink() {
     )
     .await;
     let stderr = run_until_idle(&file);
-    assert_eq!(
-        dst.rows(state).await,
-        vec![row("1", "Anne", "anne2@x"), row("4", "Dee", "dee2@x"), row("5", "Eve", "eve@x")]
-    );
-    assert!(!stderr.contains("not a Debezium change record"), "{stderr}");
+    let final_rows = vec![row("1", "Anne", "anne2@x"), row("4", "Dee", "dee2@x"), row("5", "Eve", "eve@x")];
+    assert_eq!(dst.rows(state).await, final_rows);
+    assert_eq!(stderr.matches("undecodable record set aside").count(), 1, "{stderr}");
+    let set_aside = dst.data_dir().join("sinks").join("mirror").join("undecodable");
+    let files: Vec<_> = std::fs::read_dir(&set_aside).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(kept["topic"], topic.as_str());
+    assert_eq!(kept["value"], serde_json::json!({"text": "not json"}));
+    assert_eq!(kept["key"]["text"], serde_json::json!({"schema": null, "payload": {"id": 6}}).to_string());
+    assert!(kept["error"].as_str().unwrap().contains("not a Debezium change record"), "{kept}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .ends_with(&format!("{:020}.json", kept["offset"].as_i64().unwrap())));
+
+    // Its offset was committed with the rest: a third run does not meet it again.
+    let stderr = run_until_idle(&file);
+    assert_eq!(dst.rows(state).await, final_rows);
+    assert!(!stderr.contains("undecodable"), "{stderr}");
 }
 
 /// A MongoDB collection through the Kafka transport: the topic holds the MongoDB connector's

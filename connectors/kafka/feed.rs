@@ -8,6 +8,7 @@
 //! buffered from them durable and commits, so two members never write one key at once.
 
 use super::debezium::{DebeziumDecoder, Origin};
+use super::undecodable::UndecodableRecords;
 use super::{client_config, EVENT_HEADER, SCHEMA_HEADER};
 use crate::config::KafkaTransportConfig;
 use crate::error::{Error, Result};
@@ -150,9 +151,10 @@ impl KafkaFeed {
         let finished = Arc::new(AtomicBool::new(false));
         let committed = finished.clone();
         let name = sink.to_string();
+        let undecodable = UndecodableRecords::new(buffer.dir());
         std::thread::Builder::new()
             .name(format!("kafka-{sink}"))
-            .spawn(move || poll(poller, tx, stop, committed, name))
+            .spawn(move || poll(poller, tx, stop, committed, name, undecodable))
             .map_err(|e| Error::permanent("kafka consumer thread", e))?;
         let registry = SchemaRegistry::load(&buffer).await?;
         let handle = FeedHandle::default();
@@ -330,6 +332,7 @@ fn poll(
     shutdown: Shutdown,
     finished: Arc<AtomicBool>,
     sink: String,
+    undecodable: UndecodableRecords,
 ) {
     let mut debezium = DebeziumDecoder::default();
     while !shutdown.is_requested() {
@@ -339,7 +342,15 @@ fn poll(
                 let partition: Partition = (Arc::from(m.topic()), m.partition());
                 match decode(&m, &mut debezium) {
                     Ok(event) => Item::Message { partition, offset: m.offset(), event },
-                    Err(e) => Item::Failed(e),
+                    // Kept before its offset can be committed; the feed goes on past it.
+                    Err(e) => match undecodable.set_aside(&m, &e.to_string()) {
+                        Ok(file) => {
+                            tracing::warn!(sink = %sink, error = %e, kept = %file.display(), "undecodable record set aside");
+                            metrics::counter!("sluice_kafka_undecodable_total", "sink" => sink.clone()).increment(1);
+                            Item::Message { partition, offset: m.offset(), event: None }
+                        }
+                        Err(io) => Item::Failed(io),
+                    },
                 }
             }
             Err(e) => {
@@ -369,6 +380,17 @@ fn behind(consumer: &BaseConsumer<GroupContext>) -> Option<Vec<Lag>> {
     if position.count() == 0 {
         return None;
     }
+    // Where the group left each partition: one it left at its end holds nothing to read, though
+    // this session has fetched nothing from it (so it has no position).
+    let committed = consumer.committed(Duration::from_secs(1)).ok();
+    let committed_at = |topic: &str, partition: i32| match committed
+        .as_ref()
+        .and_then(|c| c.find_partition(topic, partition))
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(at)) => Some(at),
+        _ => None,
+    };
     let mut out = Vec::new();
     for e in position.elements() {
         let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1)) else {
@@ -379,7 +401,9 @@ fn behind(consumer: &BaseConsumer<GroupContext>) -> Option<Vec<Lag>> {
             Offset::Offset(at) if at < high => out.push((e.topic().to_string(), e.partition(), Some(at), high)),
             Offset::Offset(_) => {}
             // Nothing read in this session yet: caught up only if there is nothing to read.
-            _ if low < high => out.push((e.topic().to_string(), e.partition(), None, high)),
+            _ if low < high && committed_at(e.topic(), e.partition()).is_none_or(|at| at < high) => {
+                out.push((e.topic().to_string(), e.partition(), None, high))
+            }
             _ => {}
         }
     }
@@ -387,7 +411,8 @@ fn behind(consumer: &BaseConsumer<GroupContext>) -> Option<Vec<Lag>> {
 }
 
 /// The event a sluice publisher put in the headers, or else the Debezium envelope's; `None`
-/// for a tombstone (nothing for the sink, but its offset still counts).
+/// for a tombstone (nothing for the sink, but its offset still counts). An error is about this
+/// record alone.
 fn decode(
     m: &rdkafka::message::BorrowedMessage<'_>,
     debezium: &mut DebeziumDecoder,

@@ -14,6 +14,7 @@ mod feed;
 mod publisher;
 mod topics;
 mod transactions;
+mod undecodable;
 
 pub use feed::{FeedHandle, KafkaFeed};
 pub use publisher::{AckGate, KafkaPublisher, PUBLISHER};

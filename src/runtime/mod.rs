@@ -55,6 +55,10 @@ fn register_metrics(sinks: &[String]) {
     describe_counter!("sluice_toast_fetched_total", "Changes whose unchanged TOAST value was read from the source");
     describe_counter!("sluice_sink_writes_total", "Upserts and deletes a mapped sink sent to its target");
     describe_counter!("sluice_dead_letters_total", "Records a mapped sink set aside in its dead-letter queue");
+    describe_counter!(
+        "sluice_kafka_undecodable_total",
+        "Records a sink's Kafka feed could not decode and set aside (sinks/SINK/undecodable/)"
+    );
     describe_counter!("sluice_backfill_rows_total", "Rows landed by backfills, by table");
     describe_gauge!("sluice_backfill_rows", "Rows landed by a backfill job so far");
     describe_gauge!("sluice_backfill_blocks_done", "Heap blocks of a backfill job's tables read and landed");
