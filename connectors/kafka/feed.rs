@@ -381,15 +381,15 @@ fn behind(consumer: &BaseConsumer<GroupContext>) -> Option<Vec<Lag>> {
         return None;
     }
     // Where the group left each partition: one it left at its end holds nothing to read, though
-    // this session has fetched nothing from it (so it has no position).
-    let committed = consumer.committed(Duration::from_secs(1)).ok();
-    let committed_at = |topic: &str, partition: i32| match committed
-        .as_ref()
-        .and_then(|c| c.find_partition(topic, partition))
-        .map(|e| e.offset())
-    {
-        Some(Offset::Offset(at)) => Some(at),
-        _ => None,
+    // this session has fetched nothing from it (so it has no position). Asked of the broker
+    // only when such a partition is met.
+    let committed = std::cell::OnceCell::new();
+    let committed_at = |topic: &str, partition: i32| {
+        let list = committed.get_or_init(|| consumer.committed(Duration::from_secs(1)).ok());
+        match list.as_ref().and_then(|c: &TopicPartitionList| c.find_partition(topic, partition)).map(|e| e.offset()) {
+            Some(Offset::Offset(at)) => Some(at),
+            _ => None,
+        }
     };
     let mut out = Vec::new();
     for e in position.elements() {
