@@ -13,12 +13,16 @@
 #[allow(dead_code)]
 #[path = "../tests/support/lake.rs"]
 mod lake;
+#[allow(dead_code)]
+#[path = "support/measure.rs"]
+mod measure;
 #[path = "support/postgres.rs"]
 mod postgres;
 #[allow(dead_code)]
 #[path = "support/scrape.rs"]
 mod scrape;
 
+use measure::cpu_seconds;
 use postgres::{connect, copy_rate, settle_table};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,15 +38,6 @@ fn newest_file(dir: &Path) -> SystemTime {
 
 fn status(data: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(data.join("status.json")).ok()?).ok()
-}
-
-/// CPU seconds (user + system) of a running process, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
 }
 
 /// Peak resident memory (MiB) of a running process, from /proc.

@@ -26,7 +26,7 @@ mod scrape;
 #[path = "../tests/support/kafka.rs"]
 mod topics;
 
-use measure::usage;
+use measure::{cpu_seconds, usage};
 use nix::sys::resource::UsageWho;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -227,17 +227,22 @@ async fn main() {
     let topic = format!("{name}.public.events");
     let consumer: BaseConsumer = client(&name);
 
-    // The slot and the topic exist before the changes are made; so does a second slot, on
-    // which PostgreSQL decodes the same changes with nobody downstream.
+    // The slot and the topic exist before the changes are made; so do two more slots: on one
+    // PostgreSQL decodes the same changes with nobody downstream, from the other its own client
+    // pg_recvlogical receives them.
     measure::run_sluice(&file);
     let ceiling_slot = format!("{name}_ceiling");
+    let recv_slot = format!("{name}_recv");
     // Separate statements: a slot cannot be created in a transaction that has written.
     db.batch_execute(&format!("CREATE PUBLICATION {ceiling_slot} FOR TABLE events")).await.unwrap();
-    db.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{ceiling_slot}', 'pgoutput')"))
-        .await
-        .unwrap();
+    for slot in [&ceiling_slot, &recv_slot] {
+        db.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await.unwrap();
+    }
     insert(&db, 1, changes).await;
+    let end: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
     println!("PostgreSQL -> Kafka, {changes} inserts (one transaction), 4 partitions, zstd, linger 5 ms");
+    let backend = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get::<_, i32>(0) as u32;
+    let decode_cpu0 = cpu_seconds(backend);
     let decoded = Instant::now();
     db.batch_execute(&format!(
         "SELECT count(*) FROM pg_logical_slot_get_binary_changes('{ceiling_slot}', NULL, NULL, \
@@ -246,17 +251,43 @@ async fn main() {
     .await
     .unwrap();
     let ceiling = changes as f64 / decoded.elapsed().as_secs_f64();
-    db.batch_execute(&format!("SELECT pg_drop_replication_slot('{ceiling_slot}')")).await.unwrap();
-    db.batch_execute(&format!("DROP PUBLICATION {ceiling_slot}")).await.unwrap();
+    let decode_cpu = cpu_seconds(backend) - decode_cpu0;
     println!(
         "  PostgreSQL's own decoding of them (pgoutput v2 as sluice asks for it, inside the server, \
-         nothing sent): {ceiling:.0} changes/s, the most any pgoutput client can take"
+         nothing sent): {ceiling:.0} changes/s"
     );
+    let (recv_cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    let received = Instant::now();
+    let out = Command::new("pg_recvlogical")
+        .args(["-h", "127.0.0.1", "-U", "cdc", "-d", DB, "--slot", &recv_slot, "--start", "-f", "/dev/null"])
+        .args(["-o", "proto_version=2", "-o", "streaming=on", "-o", &format!("publication_names={ceiling_slot}")])
+        .arg(format!("--endpos={end}"))
+        .env("PGPASSWORD", "cdc")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recv_rate = changes as f64 / received.elapsed().as_secs_f64();
+    let (recv_cpu1, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    println!(
+        "  PostgreSQL's own client pg_recvlogical receiving them over replication into /dev/null: \
+         {recv_rate:.0} changes/s, its CPU {:.2} s per million",
+        (recv_cpu1 - recv_cpu0) / changes as f64 * 1e6
+    );
+    for slot in [&ceiling_slot, &recv_slot] {
+        drop_slot(&admin, slot).await;
+    }
+    db.batch_execute(&format!("DROP PUBLICATION {ceiling_slot}")).await.unwrap();
+    let broker = broker_pid();
+    let broker_cpu0 = broker.map(cpu_seconds);
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
     let child = start_sluice(&file);
     let mut first_readable = None;
+    let mut walsender = None;
     loop {
+        if walsender.is_none() {
+            walsender = active_pid(&admin, &format!("sluice_{name}")).await;
+        }
         let n = readable(&consumer, &topic);
         if n > 0 && first_readable.is_none() {
             first_readable = Some((started.elapsed().as_secs_f64(), n));
@@ -267,6 +298,9 @@ async fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = started.elapsed().as_secs_f64();
+    // The walsender started with this process: its whole CPU time is this stream's.
+    let walsender_cpu = walsender.map(cpu_seconds);
+    let broker_cpu_sluice = broker.zip(broker_cpu0).map(|(pid, before)| cpu_seconds(pid) - before);
     let (first_at, first_n) = first_readable.expect("set before the loop ends");
     stop_sluice(child);
     let (cpu1, rss) = usage(UsageWho::RUSAGE_CHILDREN);
@@ -300,6 +334,8 @@ async fn main() {
     drop(f);
     let kcat_topic = format!("{name}.kcat");
     Command::new("kcat").args(["-b", BROKER, "-L", "-t", &kcat_topic]).output().unwrap();
+    let broker_cpu0 = broker.map(cpu_seconds);
+    let (kcat_cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let started = Instant::now();
     let out = Command::new("kcat")
         .args(["-b", BROKER, "-P", "-t", &kcat_topic, "-K", "\t", "-l", input.to_str().unwrap()])
@@ -308,13 +344,38 @@ async fn main() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let kcat_took = started.elapsed().as_secs_f64();
+    let (kcat_cpu1, _) = usage(UsageWho::RUSAGE_CHILDREN);
+    let broker_cpu_kcat = broker.zip(broker_cpu0).map(|(pid, before)| cpu_seconds(pid) - before);
     let kcat_rate = changes as f64 / kcat_took;
     println!("  kcat -P: {kcat_rate:.0} messages/s ({kcat_took:.2} s, key {} B, value {} B)", key.len(), value.len());
     println!(
-        "  sluice / kcat: {:.0}%; PostgreSQL's decoding / kcat: {:.0}%",
+        "  sluice / kcat: {:.0}%; pg_recvlogical / kcat: {:.0}%; PostgreSQL's in-server decoding / kcat: {:.0}%",
         sluice_rate / kcat_rate * 100.0,
+        recv_rate / kcat_rate * 100.0,
         ceiling / kcat_rate * 100.0
     );
+    let per_change = |cpu: f64| cpu / changes as f64 * 1e6;
+    let shown = |cpu: Option<f64>| cpu.map_or("?".to_string(), |c| format!("{:.2}", per_change(c)));
+    let kcat_cpu = kcat_cpu1 - kcat_cpu0;
+    println!(
+        "  CPU µs per change: sluice {:.2}; PostgreSQL's walsender streaming them to sluice {}, decoding them \
+         in-server {:.2}; the broker {} under sluice, {} under kcat; kcat {:.2}",
+        per_change(cpu1 - cpu0),
+        shown(walsender_cpu),
+        per_change(decode_cpu),
+        shown(broker_cpu_sluice),
+        shown(broker_cpu_kcat),
+        per_change(kcat_cpu)
+    );
+    // The walsender is one process: whatever the client, it sends no faster than one core
+    // allows at its CPU cost per change.
+    if let Some(ws) = walsender_cpu {
+        let most = 1e6 / per_change(ws);
+        println!(
+            "  one walsender at that cost sends at most {most:.0} changes/s on a whole core: {:.0}% of kcat",
+            most / kcat_rate * 100.0
+        );
+    }
 
     // Scale-out of the consuming side: the topic now holds every change above; one, then two
     // processes of a new pipeline (its own group) read it into Parquet.
@@ -492,6 +553,19 @@ async fn main() {
     );
 
     drop_slot(&admin, &format!("sluice_{name}")).await;
+}
+
+/// The process streaming from `slot` (its walsender), once the slot is active.
+async fn active_pid(admin: &tokio_postgres::Client, slot: &str) -> Option<u32> {
+    let row = admin.query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await;
+    row.unwrap()?.get::<_, Option<i32>>(0).map(|p| p as u32)
+}
+
+/// The test broker's process, from the services script's pid file, if it runs.
+fn broker_pid() -> Option<u32> {
+    let root = std::env::var("SLUICE_SERVICES").unwrap_or_else(|_| "/var/tmp/sluice-services".into());
+    let pid: u32 = std::fs::read_to_string(format!("{root}/pids/kafka.pid")).ok()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 /// Drops a stopped pipeline's slot (an inactive slot would hold WAL), once its walsender is gone.

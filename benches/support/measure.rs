@@ -12,6 +12,17 @@ pub fn usage(who: UsageWho) -> (f64, f64) {
     (secs(u.user_time()) + secs(u.system_time()), u.max_rss() as f64 / 1024.0)
 }
 
+/// CPU seconds (user + system) of any running process of this machine (a server's, too), from
+/// /proc.
+#[allow(dead_code)]
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 /// One `sluice run FILE --until-idle 1s`.
 pub struct Measured {
     /// Wall time including the 1 s idle window.
