@@ -7,6 +7,7 @@
 //!
 //!   cargo bench --bench backfill                      (after scripts/services.sh; 10M rows)
 //!   SLUICE_BENCH_BACKFILL_ROWS=1000000 cargo bench --bench backfill
+//!   SLUICE_BENCH_COMPRESSION=lz4 cargo bench --bench backfill   (the sink's codec; default snappy)
 //!
 //! No thresholds: the figures are printed, not asserted.
 
@@ -63,12 +64,14 @@ struct Run {
     /// Seconds the source spent in log commits and the sink in batches, from `/metrics`.
     commit_seconds: f64,
     sink_seconds: f64,
+    /// Bytes of Parquet the sink wrote.
+    lake_bytes: u64,
 }
 
 /// One pipeline, started fresh: with `parallelism`, streaming (no snapshot) while one backfill
 /// reads the whole table; without, its initial snapshot reads the table (the same path, for
 /// comparison). Ends when every row is durable in the sink.
-async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Client) -> Run {
+async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, compression: &str, admin: &Client) -> Run {
     let tag = parallelism.map_or("snapshot".to_string(), |p| format!("p{p}"));
     let name = format!("bf_bench_{tag}");
     let (data, lake) = (work.join(format!("data_{tag}")), work.join(format!("lake_{tag}")));
@@ -79,7 +82,7 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
         &file,
         format!(
             "name: {name}\nsource:\n  type: postgres\n  url: postgres://cdc:cdc@127.0.0.1:5432/{DB}?sslmode=disable\n  tables: [public.bf_orders]\n  snapshot: {snapshot}\n  heartbeat: 500ms\n\
-             transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n\
+             transport:\n  type: embedded\n  path: {}\nsinks:\n  - name: lake\n    type: parquet\n    url: file://{}/\n    compression: {compression}\n    roll: {{ max_rows: 1000000, max_bytes: 128MiB, max_age: 1s }}\n\
              metrics:\n  listen: 127.0.0.1:{metrics_port}\n",
             data.display(),
             lake.display()
@@ -129,6 +132,7 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
     // The status file is rewritten every second; the files' times are exact.
     let elapsed = newest_file(&lake).duration_since(started).unwrap();
     let (cpu, rss) = (cpu_seconds(pid) - cpu0, peak_rss_mib(pid));
+    let lake_bytes = lake::parquet_files(&lake).iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
     let page = scrape::metrics_page(metrics_port);
     let (commit_seconds, sink_seconds) = (
         scrape::summary_sum(&page, "sluice_log_commit_seconds"),
@@ -147,6 +151,7 @@ async fn measure(work: &Path, rows: usize, parallelism: Option<u32>, admin: &Cli
         rss,
         commit_seconds,
         sink_seconds,
+        lake_bytes,
     }
 }
 
@@ -157,6 +162,7 @@ async fn main() {
     }
     let rows: usize =
         std::env::var("SLUICE_BENCH_BACKFILL_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let compression = std::env::var("SLUICE_BENCH_COMPRESSION").unwrap_or_else(|_| "snappy".into());
     let admin = connect("cdc").await;
     for p in [1, 2, 4] {
         let _ = admin.execute("SELECT pg_drop_replication_slot($1)", &[&format!("sluice_bf_bench_p{p}")]).await;
@@ -175,7 +181,7 @@ async fn main() {
     .unwrap();
     let bytes = settle_table(&db, "bf_orders").await;
     println!(
-        "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s",
+        "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s; Parquet {compression}",
         bytes as f64 / 1048576.0,
         bytes / rows as i64,
         loading.elapsed().as_secs_f64()
@@ -183,13 +189,13 @@ async fn main() {
     let work = tempfile::tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     for parallelism in [Some(1), Some(2), Some(4), None] {
         let copy = copy_rate(&db, "bf_orders").await;
-        let run = measure(work.path(), rows, parallelism, &admin).await;
+        let run = measure(work.path(), rows, parallelism, &compression, &admin).await;
         let what =
             parallelism.map_or("initial snapshot (same path)".to_string(), |p| format!("backfill, parallelism {p}"));
         println!(
             "{what}: {:>9.0} rows/s = {:>5.1}% of COPY ({copy:.0} rows/s just before); \
              read at {:.0} rows/s; {:.2} CPU-s per million rows; peak RSS {:.0} MiB; \
-             whole run {:.1} s: log commits {:.1} s, sink batches {:.1} s",
+             whole run {:.1} s: log commits {:.1} s, sink batches {:.1} s; {:.0} MiB of Parquet",
             run.rate,
             100.0 * run.rate / copy,
             run.landed_rate,
@@ -198,6 +204,7 @@ async fn main() {
             rows as f64 / run.rate,
             run.commit_seconds,
             run.sink_seconds,
+            run.lake_bytes as f64 / 1048576.0,
         );
     }
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)")).await.unwrap();

@@ -123,7 +123,7 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
                     config::NestedLayout::Struct { extended: true } => ", JSON as structs (Extended JSON read as BSON)",
                     config::NestedLayout::Struct { extended: false } => ", JSON as structs",
                 };
-                println!("  sink {}: parquet {target}{nested}", pq.name);
+                println!("  sink {}: parquet {target}, {}{nested}", pq.name, pq.compression.name());
             }
             SinkConfig::Postgres(pg) => println!(
                 "  sink {}: postgres {} table {} from {}, conflict {}",

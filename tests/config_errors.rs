@@ -83,7 +83,7 @@ fn the_nested_layout_is_named_and_only_parquet_sinks_take_it() {
     };
     let out = sluice(&["validate", write(dir.path(), &with("struct")).to_str().unwrap()], dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("sink lake: parquet file:///tmp/lake/, JSON as structs\n"), "{stdout}");
+    assert!(stdout.contains("sink lake: parquet file:///tmp/lake/, snappy, JSON as structs\n"), "{stdout}");
     let path = write(dir.path(), &with("yaml"));
     let (code, err) = validate(&path);
     assert_eq!(code, 2, "{err}");
@@ -99,6 +99,36 @@ fn the_nested_layout_is_named_and_only_parquet_sinks_take_it() {
         "{err}"
     );
     assert!(err.contains("fix: remove `nested`"), "{err}");
+}
+
+#[test]
+fn the_parquet_codec_is_named_and_only_parquet_sinks_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |codec: &str| {
+        GOOD.replace("url: file:///tmp/lake/\n", &format!("url: file:///tmp/lake/\n    compression: {codec}\n"))
+    };
+    for codec in ["snappy", "zstd", "lz4", "none"] {
+        let out = sluice(&["validate", write(dir.path(), &with(codec)).to_str().unwrap()], dir.path());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("sink lake: parquet file:///tmp/lake/, {codec}\n")), "{stdout}");
+    }
+    let path = write(dir.path(), &with("gzip"));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:10:18: compression: `gzip` is not a Parquet codec sluice writes", path.display())),
+        "{err}"
+    );
+    assert!(err.contains("fix: use `snappy` (the default), `zstd` (about half the size), `lz4` or `none`"), "{err}");
+    let pg_sink = "  - name: mirror\n    type: postgres\n    url: postgres://cdc@127.0.0.1/cdc\n    table: public.t\n    compression: zstd\n";
+    let path =
+        write(dir.path(), &GOOD.replace("  - name: lake\n    type: parquet\n    url: file:///tmp/lake/\n", pg_sink));
+    let (code, err) = validate(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:11:18: sink mirror: `compression` does not apply to postgres sinks", path.display())),
+        "{err}"
+    );
 }
 
 #[test]

@@ -468,6 +468,14 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// The codec of every column chunk of a Parquet file.
+fn codecs(file: &std::path::Path) -> Vec<parquet::basic::Compression> {
+    use parquet::file::reader::FileReader;
+    let reader = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+    let meta = reader.metadata();
+    meta.row_groups().iter().flat_map(|g| g.columns().iter().map(|c| c.compression())).collect()
+}
+
 #[tokio::test]
 async fn the_end_of_a_snapshot_closes_its_file_without_waiting_for_max_age() {
     let db = TestDb::new("snapend").await;
@@ -479,7 +487,8 @@ async fn the_end_of_a_snapshot_closes_its_file_without_waiting_for_max_age() {
     .await
     .unwrap();
     // Neither the age nor the row bound can close the file: only the snapshot's end can.
-    let file = db.pipeline_file(&["public.t"], "", "    roll: { max_rows: 1000000, max_age: 1h }\n");
+    let file =
+        db.pipeline_file(&["public.t"], "", "    roll: { max_rows: 1000000, max_age: 1h }\n    compression: lz4\n");
     let running = Running::start(&file);
     let rows = eventually("the snapshot's file", Duration::from_secs(60), || async {
         let rows = changelog(&db.lake_dir(), "public.t");
@@ -490,6 +499,12 @@ async fn the_end_of_a_snapshot_closes_its_file_without_waiting_for_max_age() {
     assert_eq!(rows.len(), 3000);
     assert!(rows.iter().all(|r| r.op == "read"));
     assert_eq!(replay(&rows, "id"), table_state(c, "SELECT id, v FROM t").await);
+    // The configured codec (LZ4_RAW, not the deprecated framed LZ4) on every column.
+    let written = files(&db.lake_dir(), "public.t");
+    assert_eq!(written.len(), 1);
+    let columns = codecs(&written[0]);
+    assert!(!columns.is_empty());
+    assert!(columns.iter().all(|&c| c == parquet::basic::Compression::LZ4_RAW), "{columns:?}");
 }
 
 #[tokio::test]

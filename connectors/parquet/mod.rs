@@ -12,7 +12,7 @@ mod store;
 
 use self::arrow::{arrow_schema, record_batch, value_of};
 use self::nested::Shape;
-use crate::config::{NestedLayout, ParquetSinkConfig, PartitionBy};
+use crate::config::{NestedLayout, ParquetCompression, ParquetSinkConfig, PartitionBy};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, ColumnType, Position, TableSchema, Value};
 use crate::log::{EmbeddedLog, LogRecord};
@@ -21,7 +21,7 @@ use ::arrow::array::ArrayRef;
 use ::arrow::datatypes::Schema;
 use mongodb::bson::Bson;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
+use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use std::collections::{BTreeMap, HashMap};
@@ -193,9 +193,9 @@ impl ParquetSink {
     /// Encodes a partition's pending rows. Under `nested: struct`, rows whose JSON shapes the
     /// open file cannot hold close it, and a new file, whose shapes hold both, takes them.
     fn encode_partition(&mut self, partition: &str) -> Result<()> {
-        let nested = self.cfg.nested;
+        let (nested, compression) = (self.cfg.nested, self.cfg.compression);
         let f = self.open.get_mut(partition).expect("encoding an open file");
-        let Encoded::Split(shapes) = encode(f, nested)? else { return Ok(()) };
+        let Encoded::Split(shapes) = encode(f, nested, compression)? else { return Ok(()) };
         let mut old = self.open.remove(partition).expect("encoding an open file");
         let pending = std::mem::take(&mut old.pending);
         let mut new = self.open_file(
@@ -215,7 +215,7 @@ impl ParquetSink {
         old.last_offset = old.encoded_last;
         tracing::debug!(sink = %self.cfg.name, key = %old.key, "a new JSON field or type: the next file has it");
         self.finish(old)?;
-        if let Encoded::Split(_) = encode(&mut new, nested)? {
+        if let Encoded::Split(_) = encode(&mut new, nested, compression)? {
             return Err(Error::permanent("parquet", "a file's JSON shapes do not hold the rows they were merged from"));
         }
         self.open.insert(partition.to_string(), new);
@@ -256,9 +256,15 @@ impl ParquetSink {
 }
 
 /// The writer settings of a table's files.
-fn writer_properties(schema: &TableSchema) -> WriterProperties {
+fn writer_properties(schema: &TableSchema, compression: ParquetCompression) -> WriterProperties {
+    let compression = match compression {
+        ParquetCompression::Snappy => Compression::SNAPPY,
+        ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::default()),
+        ParquetCompression::Lz4 => Compression::LZ4_RAW,
+        ParquetCompression::None => Compression::UNCOMPRESSED,
+    };
     let mut props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
+        .set_compression(compression)
         // Every position is distinct: a dictionary would only be built to be discarded.
         .set_column_dictionary_enabled(ColumnPath::from(META_COLUMNS[1]), false)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -282,7 +288,7 @@ enum Encoded {
     Split(Vec<Option<Shape>>),
 }
 
-fn encode(f: &mut OpenFile, nested: NestedLayout) -> Result<Encoded> {
+fn encode(f: &mut OpenFile, nested: NestedLayout, compression: ParquetCompression) -> Result<Encoded> {
     if f.pending.is_empty() {
         return Ok(Encoded::Written);
     }
@@ -325,7 +331,7 @@ fn encode(f: &mut OpenFile, nested: NestedLayout) -> Result<Encoded> {
     }
     if f.writer.is_none() {
         let file = std::fs::File::create(&f.path).map_err(|e| Error::retryable("parquet spool", e))?;
-        let props = writer_properties(&f.schema);
+        let props = writer_properties(&f.schema, compression);
         let writer = ArrowWriter::try_new(file, f.arrow.clone(), Some(props))
             .map_err(|e| Error::permanent("parquet writer", e))?;
         f.writer = Some(writer);

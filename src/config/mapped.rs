@@ -66,6 +66,7 @@ pub(super) fn no_parquet_keys(cx: &Ctx, name: &str, kind: &str, raw: &RawSink) -
     only_for(cx, name, kind, "unbounded_numeric", raw.unbounded_numeric.as_ref())?;
     only_for(cx, name, kind, "partition_by", raw.partition_by.as_ref())?;
     only_for(cx, name, kind, "nested", raw.nested.as_ref())?;
+    only_for(cx, name, kind, "compression", raw.compression.as_ref())?;
     if raw.s3.is_some() || raw.roll.is_some() {
         return Err(cx.err(
             &raw.name,

@@ -411,6 +411,31 @@ pub struct ParquetSinkConfig {
     pub unbounded_numeric: NumericPolicy,
     pub partition_by: PartitionBy,
     pub nested: NestedLayout,
+    pub compression: ParquetCompression,
+}
+
+/// The codec of a Parquet sink's pages. Every one is read by pyarrow, DuckDB, Spark and Trino.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParquetCompression {
+    /// Parquet's customary default.
+    Snappy,
+    /// zstd level 1: in the backfill benchmark, files half the size of snappy's for no more CPU.
+    Zstd,
+    /// LZ4_RAW (not the deprecated framed LZ4).
+    Lz4,
+    None,
+}
+
+impl ParquetCompression {
+    /// The name a pipeline file gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Snappy => "snappy",
+            Self::Zstd => "zstd",
+            Self::Lz4 => "lz4",
+            Self::None => "none",
+        }
+    }
 }
 
 /// How a Parquet sink writes JSON columns (MongoDB documents, PostgreSQL json/jsonb).

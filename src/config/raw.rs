@@ -184,6 +184,9 @@ pub struct RawSink {
     /// Parquet sinks: JSON columns as JSON text or as typed structs and lists.
     #[serde(default)]
     pub nested: Option<Spanned<String>>,
+    /// Parquet sinks: the page compression codec.
+    #[serde(default)]
+    pub compression: Option<Spanned<String>>,
     /// Mapped sinks: the target table or object.
     #[serde(default)]
     pub table: Option<Spanned<String>>,

@@ -474,7 +474,20 @@ fn parquet_sink(cx: &Ctx, raw: RawSink, extended_json: bool) -> Result<ParquetSi
             ))
         }
     };
-    Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by, nested })
+    let compression = match raw.compression.as_ref().map(|c| c.value.as_str()) {
+        None | Some("snappy") => ParquetCompression::Snappy,
+        Some("zstd") => ParquetCompression::Zstd,
+        Some("lz4") => ParquetCompression::Lz4,
+        Some("none") => ParquetCompression::None,
+        Some(other) => {
+            return Err(cx.err(
+                raw.compression.as_ref().unwrap(),
+                format!("compression: `{other}` is not a Parquet codec sluice writes"),
+                "use `snappy` (the default), `zstd` (about half the size), `lz4` or `none`",
+            ))
+        }
+    };
+    Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by, nested, compression })
 }
 
 fn parse_numeric_policy(text: &str) -> Option<NumericPolicy> {
