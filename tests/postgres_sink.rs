@@ -550,3 +550,79 @@ async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
         }
     }
 }
+
+/// Two members writing one key at once: one deletes it while the other, still finishing
+/// partitions it lost, upserts an older change. The upsert must not bring the key back. The
+/// delete is held up behind a row lock until the upsert is also waiting, so both are in flight
+/// together (the order in which a member handing over partitions can produce them).
+#[tokio::test]
+async fn an_older_upsert_racing_a_delete_of_its_key_does_not_bring_it_back() {
+    use sluice::config::VersionGuard;
+    use sluice::connectors::pgsink::target::{Fields, Row, Target};
+    use sluice::event::{Position, TableId};
+
+    let dst = TestDb::new("tombstone_race").await;
+    dst.client.batch_execute("CREATE TABLE kv (id int PRIMARY KEY, val text, _sluice_version text)").await.unwrap();
+    let guard = VersionGuard::Position { column: "_sluice_version".into() };
+    let kv = TableId::new("public", "kv");
+    let target = std::sync::Arc::new(
+        Target::introspect(&dst.client, &kv, &["id".into()], &["val".into()], &guard, false).await.unwrap(),
+    );
+    let row = |val: Option<&str>, lsn: u64| Row {
+        key: vec![Some("1".into())],
+        fields: val.iter().map(|v| Some(v.to_string())).collect(),
+        version: Some(Position::change(lsn, 0).to_string()),
+    };
+    let key = vec![vec![Some("1".to_string())]];
+    let mut setup = support::connect(&dst.name).await;
+    let mut tx = target.begin(&mut setup, &key).await.unwrap();
+    target.upsert(&mut tx, &[row(Some("first"), 100)], Fields::All).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // Someone else holds the row: whatever reaches it next waits.
+    let mut holder = support::connect(&dst.name).await;
+    let held = holder.transaction().await.unwrap();
+    held.batch_execute("SELECT * FROM kv WHERE id = 1 FOR UPDATE").await.unwrap();
+    let waiting = || async {
+        let row = dst
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let write = |val: Option<&'static str>, lsn: u64| {
+        let (target, key, name) = (target.clone(), key.clone(), dst.name.clone());
+        tokio::spawn(async move {
+            let mut client = support::connect(&name).await;
+            let mut tx = target.begin(&mut client, &key).await.unwrap();
+            let refused = match val {
+                Some(_) => target.upsert(&mut tx, &[row(val, lsn)], Fields::All).await.unwrap(),
+                None => target.delete(&mut tx, &[row(None, lsn)]).await.unwrap(),
+            };
+            assert!(refused.is_empty(), "{refused:?}");
+            tx.commit().await.unwrap();
+        })
+    };
+    let delete = write(None, 300);
+    support::eventually("the delete to wait for the row", Duration::from_secs(30), || async {
+        (waiting().await == 1).then_some(())
+    })
+    .await;
+    let upsert = write(Some("second"), 200);
+    support::eventually("the upsert to wait too", Duration::from_secs(30), || async {
+        (waiting().await == 2).then_some(())
+    })
+    .await;
+    held.commit().await.unwrap();
+    delete.await.unwrap();
+    upsert.await.unwrap();
+    assert_eq!(dst.rows("SELECT id, val FROM kv").await, Vec::<Vec<Option<String>>>::new());
+    assert_eq!(
+        dst.rows("SELECT key::text, version FROM sluice_tombstones").await,
+        vec![vec![Some("{1}".to_string()), Some(Position::change(300, 0).to_string())]]
+    );
+}

@@ -179,6 +179,18 @@ impl Target {
         &self.key
     }
 
+    /// Begins the transaction that writes `keys` (each key's column texts). Under the position
+    /// guard it first takes the keys' locks (see `tombstones`), so a concurrent writer of one of
+    /// them has committed before this transaction reads or writes it.
+    pub async fn begin<'c>(&self, client: &'c mut Client, keys: &[Vec<Option<String>>]) -> Result<Transaction<'c>> {
+        let tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
+        if let Some(tombstones) = &self.tombstones {
+            let texts: Vec<String> = keys.iter().map(|k| serde_json::to_string(k).expect("strings encode")).collect();
+            tombstones.lock_keys(&tx, &texts).await?;
+        }
+        Ok(tx)
+    }
+
     /// Upserts rows in `tx`, isolating records the server refuses (returned, not written).
     pub async fn upsert(&self, tx: &mut Transaction<'_>, rows: &[Row], which: Fields<'_>) -> Result<Vec<Rejected>> {
         self.isolate(tx, rows, 0, &Statement::Upsert(self.upsert_sql(which))).await
@@ -245,6 +257,7 @@ impl Target {
                 .map_err(|e| query_error("target truncate", e));
         };
         let column = quote_ident(column);
+        tombstones.lock_table(tx).await?;
         tx.execute(&format!("DELETE FROM {table} AS t WHERE t.{column} IS NULL OR t.{column} < $1"), &[&version])
             .await
             .map_err(|e| query_error("target truncate", e))?;

@@ -10,11 +10,18 @@
 //!   tombstones below it, so the table holds only keys that are deleted now;
 //! - a truncate removes the records older than it and keeps one tombstone for the whole table
 //!   (an empty key), which every older upsert also yields to.
+//!
+//! Two members may write one key at once (one still finishing a batch of partitions it lost, the
+//! other starting on them). A statement decides from the snapshot it started with, so an upsert
+//! that began before a concurrent delete committed would not see its tombstone, would wait for
+//! the row the delete removes, and then insert it again. So every transaction that writes keys
+//! first takes a lock per key (and the table's lock, shared; a truncate takes it alone): writers
+//! of one key go one after the other, and each statement sees what the previous one committed.
 
 use crate::connectors::postgres::client::{query_error, quote_ident, quote_literal};
 use crate::error::{Error, Result};
 use crate::event::TableId;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// The tombstone table's name, created in the target table's schema.
 pub const TABLE: &str = "sluice_tombstones";
@@ -54,6 +61,29 @@ impl Tombstones {
             }
         }
         Ok(Self { table, target: quote_literal(&format!("{}.{}", target.schema, target.name)), key_columns })
+    }
+
+    /// Takes, for the rest of `tx`, the table's lock shared and then the lock of every key in
+    /// `keys` (each as its text), in one order for every writer, so none waits on another in a
+    /// cycle.
+    pub async fn lock_keys(&self, tx: &Transaction<'_>, keys: &[String]) -> Result<()> {
+        let table = format!("SELECT pg_advisory_xact_lock_shared(hashtextextended({}, 0))", self.target);
+        tx.execute(&table, &[]).await.map_err(|e| query_error("target key locks", e))?;
+        // DISTINCT and ORDER BY keep the subquery from being merged: the locks are taken in order.
+        let each = format!(
+            "SELECT pg_advisory_xact_lock(s.h) FROM (SELECT DISTINCT hashtextextended({} || k, 0) AS h \
+             FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
+            self.target
+        );
+        tx.execute(&each, &[&keys]).await.map_err(|e| query_error("target key locks", e))?;
+        Ok(())
+    }
+
+    /// Takes, for the rest of `tx`, the table's lock alone: no key is written until `tx` ends.
+    pub async fn lock_table(&self, tx: &Transaction<'_>) -> Result<()> {
+        let sql = format!("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))", self.target);
+        tx.execute(&sql, &[]).await.map_err(|e| query_error("target table lock", e))?;
+        Ok(())
     }
 
     /// The key of an `unnest` row `u` as the tombstone's key.

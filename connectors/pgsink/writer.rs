@@ -29,7 +29,7 @@ impl Writer {
     pub async fn apply(&self, client: &mut Client, items: &[Item], force: Option<&Decision>) -> Result<Applied> {
         let mut applied = Applied::default();
         let keys: Vec<Vec<Option<String>>> = items.iter().map(|i| self.target.texts(&i.record.key, &[]).0).collect();
-        let mut tx = client.transaction().await.map_err(|e| query_error("begin", e))?;
+        let mut tx = self.target.begin(client, &keys).await?;
         // Read and locked in the transaction that writes: an edit on the target between the
         // decision and the write would otherwise be overwritten unseen.
         let states = if self.strategy.reads_target() && force.is_none() {
