@@ -8,6 +8,8 @@
 //!   cargo bench --bench backfill                      (after scripts/services.sh; 10M rows)
 //!   SLUICE_BENCH_BACKFILL_ROWS=1000000 cargo bench --bench backfill
 //!   SLUICE_BENCH_COMPRESSION=lz4 cargo bench --bench backfill   (the sink's codec; default snappy)
+//!   SLUICE_BENCH_BIN=/var/tmp/sluice-target/production/sluice cargo bench --bench backfill
+//!                                      (measure another build, e.g. `cargo build --profile production`)
 //!
 //! No thresholds: the figures are printed, not asserted.
 
@@ -48,8 +50,13 @@ fn peak_rss_mib(pid: u32) -> f64 {
     line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
 }
 
+/// The `sluice` measured: this build's, or `SLUICE_BENCH_BIN` (a `--profile production` build).
+fn sluice_bin() -> String {
+    std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string())
+}
+
 fn sluice(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut c = Command::new(sluice_bin());
     c.args(args).env("RUST_LOG", "warn");
     c
 }
@@ -181,10 +188,11 @@ async fn main() {
     .unwrap();
     let bytes = settle_table(&db, "bf_orders").await;
     println!(
-        "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s; Parquet {compression}",
+        "backfill benchmark: {rows} rows, {:.0} MiB on disk ({} bytes a row), loaded in {:.0}s; Parquet {compression}; {}",
         bytes as f64 / 1048576.0,
         bytes / rows as i64,
-        loading.elapsed().as_secs_f64()
+        loading.elapsed().as_secs_f64(),
+        sluice_bin()
     );
     let work = tempfile::tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     for parallelism in [Some(1), Some(2), Some(4), None] {

@@ -21,6 +21,7 @@
 use crate::connectors::postgres::client::{query_error, quote_ident, quote_literal};
 use crate::error::{Error, Result};
 use crate::event::TableId;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
 
 /// The tombstone table's name, created in the target table's schema.
@@ -68,14 +69,16 @@ impl Tombstones {
     /// cycle.
     pub async fn lock_keys(&self, tx: &Transaction<'_>, keys: &[String]) -> Result<()> {
         let table = format!("SELECT pg_advisory_xact_lock_shared(hashtextextended({}, 0))", self.target);
-        tx.execute(&table, &[]).await.map_err(|e| query_error("target key locks", e))?;
         // DISTINCT and ORDER BY keep the subquery from being merged: the locks are taken in order.
         let each = format!(
             "SELECT pg_advisory_xact_lock(s.h) FROM (SELECT DISTINCT hashtextextended({} || k, 0) AS h \
              FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
             self.target
         );
-        tx.execute(&each, &[&keys]).await.map_err(|e| query_error("target key locks", e))?;
+        // Sent together (the client pipelines them), run in this order: one round trip.
+        let params: [&(dyn ToSql + Sync); 1] = [&keys];
+        futures::try_join!(tx.execute(&table, &[]), tx.execute(&each, &params))
+            .map_err(|e| query_error("target key locks", e))?;
         Ok(())
     }
 
