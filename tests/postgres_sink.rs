@@ -554,7 +554,8 @@ async fn changes_in_any_order_leave_the_newest_and_a_delete_stays_deleted() {
 /// Two members writing one key at once: one deletes it while the other, still finishing
 /// partitions it lost, upserts an older change. The upsert must not bring the key back. The
 /// delete is held up behind a row lock until the upsert is also waiting, so both are in flight
-/// together (the order in which a member handing over partitions can produce them).
+/// together (the order in which a member handing over partitions can produce them). Twice: in a
+/// batch of one key (locked by key), and in one of 1,001 (over the limit: the table is locked).
 #[tokio::test]
 async fn an_older_upsert_racing_a_delete_of_its_key_does_not_bring_it_back() {
     use sluice::config::VersionGuard;
@@ -573,16 +574,6 @@ async fn an_older_upsert_racing_a_delete_of_its_key_does_not_bring_it_back() {
         fields: val.iter().map(|v| Some(v.to_string())).collect(),
         version: Some(Position::change(lsn, 0).to_string()),
     };
-    let key = vec![vec![Some("1".to_string())]];
-    let mut setup = support::connect(&dst.name).await;
-    let mut tx = target.begin(&mut setup, &key).await.unwrap();
-    target.upsert(&mut tx, &[row(Some("first"), 100)], Fields::All).await.unwrap();
-    tx.commit().await.unwrap();
-
-    // Someone else holds the row: whatever reaches it next waits.
-    let mut holder = support::connect(&dst.name).await;
-    let held = holder.transaction().await.unwrap();
-    held.batch_execute("SELECT * FROM kv WHERE id = 1 FOR UPDATE").await.unwrap();
     let waiting = || async {
         let row = dst
             .client
@@ -594,35 +585,50 @@ async fn an_older_upsert_racing_a_delete_of_its_key_does_not_bring_it_back() {
             .unwrap();
         row.get::<_, i64>(0)
     };
-    let write = |val: Option<&'static str>, lsn: u64| {
-        let (target, key, name) = (target.clone(), key.clone(), dst.name.clone());
-        tokio::spawn(async move {
-            let mut client = support::connect(&name).await;
-            let mut tx = target.begin(&mut client, &key).await.unwrap();
-            let refused = match val {
-                Some(_) => target.upsert(&mut tx, &[row(val, lsn)], Fields::All).await.unwrap(),
-                None => target.delete(&mut tx, &[row(None, lsn)]).await.unwrap(),
-            };
-            assert!(refused.is_empty(), "{refused:?}");
-            tx.commit().await.unwrap();
+    for batch_keys in [1, 1_001] {
+        dst.client.batch_execute("TRUNCATE kv, sluice_tombstones").await.unwrap();
+        // Key 1 and the batch's other keys, which are not written.
+        let keys: Vec<Vec<Option<String>>> = (1..=batch_keys).map(|id| vec![Some(id.to_string())]).collect();
+        let mut setup = support::connect(&dst.name).await;
+        let mut tx = target.begin(&mut setup, &keys).await.unwrap();
+        target.upsert(&mut tx, &[row(Some("first"), 100)], Fields::All).await.unwrap();
+        tx.commit().await.unwrap();
+
+        // Someone else holds the row: whatever reaches it next waits.
+        let mut holder = support::connect(&dst.name).await;
+        let held = holder.transaction().await.unwrap();
+        held.batch_execute("SELECT * FROM kv WHERE id = 1 FOR UPDATE").await.unwrap();
+        let write = |val: Option<&'static str>, lsn: u64| {
+            let (target, keys, name) = (target.clone(), keys.clone(), dst.name.clone());
+            tokio::spawn(async move {
+                let mut client = support::connect(&name).await;
+                let mut tx = target.begin(&mut client, &keys).await.unwrap();
+                let refused = match val {
+                    Some(_) => target.upsert(&mut tx, &[row(val, lsn)], Fields::All).await.unwrap(),
+                    None => target.delete(&mut tx, &[row(None, lsn)]).await.unwrap(),
+                };
+                assert!(refused.is_empty(), "{refused:?}");
+                tx.commit().await.unwrap();
+            })
+        };
+        let delete = write(None, 300);
+        support::eventually("the delete to wait for the row", Duration::from_secs(30), || async {
+            (waiting().await == 1).then_some(())
         })
-    };
-    let delete = write(None, 300);
-    support::eventually("the delete to wait for the row", Duration::from_secs(30), || async {
-        (waiting().await == 1).then_some(())
-    })
-    .await;
-    let upsert = write(Some("second"), 200);
-    support::eventually("the upsert to wait too", Duration::from_secs(30), || async {
-        (waiting().await == 2).then_some(())
-    })
-    .await;
-    held.commit().await.unwrap();
-    delete.await.unwrap();
-    upsert.await.unwrap();
-    assert_eq!(dst.rows("SELECT id, val FROM kv").await, Vec::<Vec<Option<String>>>::new());
-    assert_eq!(
-        dst.rows("SELECT key::text, version FROM sluice_tombstones").await,
-        vec![vec![Some("{1}".to_string()), Some(Position::change(300, 0).to_string())]]
-    );
+        .await;
+        let upsert = write(Some("second"), 200);
+        support::eventually("the upsert to wait too", Duration::from_secs(30), || async {
+            (waiting().await == 2).then_some(())
+        })
+        .await;
+        held.commit().await.unwrap();
+        delete.await.unwrap();
+        upsert.await.unwrap();
+        assert_eq!(dst.rows("SELECT id, val FROM kv").await, Vec::<Vec<Option<String>>>::new(), "{batch_keys} keys");
+        assert_eq!(
+            dst.rows("SELECT key::text, version FROM sluice_tombstones").await,
+            vec![vec![Some("{1}".to_string()), Some(Position::change(300, 0).to_string())]],
+            "{batch_keys} keys"
+        );
+    }
 }

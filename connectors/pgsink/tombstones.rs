@@ -24,6 +24,11 @@ use crate::event::TableId;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
 
+/// Keys a transaction locks one by one at most. PostgreSQL's lock table holds about
+/// `max_locks_per_transaction` (64) × `max_connections` locks for all sessions together, so a
+/// larger batch locks the whole table instead (its writers then take turns).
+pub const MAX_KEY_LOCKS: usize = 1_000;
+
 /// The tombstone table's name, created in the target table's schema.
 pub const TABLE: &str = "sluice_tombstones";
 
@@ -66,8 +71,11 @@ impl Tombstones {
 
     /// Takes, for the rest of `tx`, the table's lock shared and then the lock of every key in
     /// `keys` (each as its text), in one order for every writer, so none waits on another in a
-    /// cycle.
+    /// cycle. More than [`MAX_KEY_LOCKS`] keys take the table's lock alone instead.
     pub async fn lock_keys(&self, tx: &Transaction<'_>, keys: &[String]) -> Result<()> {
+        if keys.len() > MAX_KEY_LOCKS {
+            return self.lock_table(tx).await;
+        }
         let table = format!("SELECT pg_advisory_xact_lock_shared(hashtextextended({}, 0))", self.target);
         // DISTINCT and ORDER BY keep the subquery from being merged: the locks are taken in order.
         let each = format!(
