@@ -25,7 +25,7 @@ mod postgres;
 #[path = "support/scrape.rs"]
 mod scrape;
 
-use measure::cpu_seconds;
+use measure::{cpu_seconds, sluice_bin};
 use postgres::{connect, copy_rate, settle_table};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,11 +48,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
-}
-
-/// The `sluice` measured: this build's, or `SLUICE_BENCH_BIN` (a `--profile production` build).
-fn sluice_bin() -> String {
-    std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string())
 }
 
 fn sluice(args: &[&str]) -> Command {

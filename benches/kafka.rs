@@ -125,7 +125,7 @@ fn write_bytes(pid: u32) -> u64 {
 
 /// `sluice run FILE` in the background, logging warnings only.
 fn start_sluice(file: &Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    Command::new(measure::sluice_bin())
         .args(["run", file.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

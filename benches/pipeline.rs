@@ -193,7 +193,7 @@ async fn main() {
     let stream_rate = changes as f64 / into_parquet;
 
     // ---- Latency at a fixed rate: commit time to the moment a Parquet file holding it exists.
-    let mut running = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut running = Command::new(measure::sluice_bin())
         .args(["run", file.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -23,6 +23,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// The `sluice` measured: this build's, or `SLUICE_BENCH_BIN` (another build of it: a
+/// `--profile production` one, or an earlier commit's, for a same-machine comparison).
+pub fn sluice_bin() -> String {
+    std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string())
+}
+
 /// One `sluice run FILE --until-idle 1s`.
 pub struct Measured {
     /// Wall time including the 1 s idle window.
@@ -47,7 +53,7 @@ pub fn run_sluice_logged(file: &Path) -> (Measured, String) {
 fn run(file: &Path, level: &str, global_args: &[&str]) -> (Measured, String) {
     let (cpu0, _) = usage(UsageWho::RUSAGE_CHILDREN);
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = Command::new(sluice_bin())
         .args(global_args)
         .args(["run", file.to_str().unwrap(), "--until-idle", "1s"])
         .env("RUST_LOG", level)
