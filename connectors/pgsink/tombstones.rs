@@ -76,7 +76,7 @@ impl Tombstones {
         if keys.len() > MAX_KEY_LOCKS {
             return self.lock_table(tx).await;
         }
-        let table = format!("SELECT pg_advisory_xact_lock_shared(hashtextextended({}, 0))", self.target);
+        let table = format!("SELECT pg_advisory_xact_lock_shared({})", self.table_lock());
         // DISTINCT and ORDER BY keep the subquery from being merged: the locks are taken in order.
         let each = format!(
             "SELECT pg_advisory_xact_lock(s.h) FROM (SELECT DISTINCT hashtextextended({} || k, 0) AS h \
@@ -92,9 +92,15 @@ impl Tombstones {
 
     /// Takes, for the rest of `tx`, the table's lock alone: no key is written until `tx` ends.
     pub async fn lock_table(&self, tx: &Transaction<'_>) -> Result<()> {
-        let sql = format!("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))", self.target);
+        let sql = format!("SELECT pg_advisory_xact_lock({})", self.table_lock());
         tx.execute(&sql, &[]).await.map_err(|e| query_error("target table lock", e))?;
         Ok(())
+    }
+
+    /// The advisory lock id of the target table, shared by key writers and taken alone by a
+    /// truncate or a batch of too many keys.
+    fn table_lock(&self) -> String {
+        format!("hashtextextended({}, 0)", self.target)
     }
 
     /// The key of an `unnest` row `u` as the tombstone's key.

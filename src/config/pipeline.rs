@@ -427,6 +427,14 @@ pub enum ParquetCompression {
 }
 
 impl ParquetCompression {
+    /// Every codec, the default first.
+    const ALL: [Self; 4] = [Self::Snappy, Self::Zstd, Self::Lz4, Self::None];
+
+    /// The codec a pipeline file names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// The name a pipeline file gives it.
     pub fn name(self) -> &'static str {
         match self {

@@ -474,18 +474,15 @@ fn parquet_sink(cx: &Ctx, raw: RawSink, extended_json: bool) -> Result<ParquetSi
             ))
         }
     };
-    let compression = match raw.compression.as_ref().map(|c| c.value.as_str()) {
-        None | Some("snappy") => ParquetCompression::Snappy,
-        Some("zstd") => ParquetCompression::Zstd,
-        Some("lz4") => ParquetCompression::Lz4,
-        Some("none") => ParquetCompression::None,
-        Some(other) => {
-            return Err(cx.err(
-                raw.compression.as_ref().unwrap(),
-                format!("compression: `{other}` is not a Parquet codec sluice writes"),
+    let compression = match &raw.compression {
+        None => ParquetCompression::Snappy,
+        Some(c) => ParquetCompression::from_name(&c.value).ok_or_else(|| {
+            cx.err(
+                c,
+                format!("compression: `{}` is not a Parquet codec sluice writes", c.value),
                 "use `snappy` (the default), `zstd` (about half the size), `lz4` or `none`",
-            ))
-        }
+            )
+        })?,
     };
     Ok(ParquetSinkConfig { name, target, roll, unbounded_numeric, partition_by, nested, compression })
 }
