@@ -414,7 +414,7 @@ pub struct ParquetSinkConfig {
     pub compression: ParquetCompression,
 }
 
-/// The codec of a Parquet sink's pages. Every one is read by pyarrow, DuckDB, Spark and Trino.
+/// The codec of a Parquet sink's pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParquetCompression {
     /// Parquet's customary default.
