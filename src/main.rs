@@ -176,11 +176,12 @@ fn run(file: &std::path::Path, options: RunOptions) -> anyhow::Result<()> {
         }
         let shutdown = Shutdown::new();
         let signals = shutdown.clone();
+        // Registered here, not inside the task, so that from the "starting" line on a SIGTERM
+        // drains instead of killing the process: supervisors and tests may rely on that line.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

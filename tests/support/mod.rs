@@ -250,8 +250,14 @@ impl Running {
         assert!(status.success(), "sluice exited with {status}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
     }
 
-    /// SIGTERM, then wait for the exit.
+    /// SIGTERM, then wait for the exit. Waits first for the "starting" line, before which the
+    /// process has not yet installed its handler and the signal would simply kill it.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains("starting") && self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "sluice did not start within 30 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
             .unwrap();
         self.child.wait().unwrap()
