@@ -6,7 +6,6 @@
 
 use super::values::{self, PG_EPOCH_MICROS};
 use crate::event::{ColumnType, Value};
-use std::fmt::Write;
 use std::ops::Range;
 
 /// The 11-byte signature, then 4 bytes of flags and 4 of header-extension length.
@@ -173,9 +172,16 @@ pub fn numeric(b: &[u8]) -> Result<String, String> {
     if weight < 0 {
         out.push('0');
     } else {
-        write!(out, "{}", digit(0)).expect("writing to a String");
+        let first = digit(0);
+        let width = match first {
+            0..=9 => 1,
+            10..=99 => 2,
+            100..=999 => 3,
+            _ => 4,
+        };
+        push_digits(&mut out, first, width);
         for i in 1..=weight {
-            write!(out, "{:04}", digit(i)).expect("writing to a String");
+            push_digits(&mut out, digit(i), 4);
         }
     }
     if dscale > 0 {
@@ -185,12 +191,24 @@ pub fn numeric(b: &[u8]) -> Result<String, String> {
         while remaining > 0 {
             // The last group may show only its leading digits.
             let shown = remaining.min(4);
-            write!(out, "{:0shown$}", digit(i) / 10u16.pow(4 - shown as u32)).expect("writing to a String");
+            push_digits(&mut out, digit(i) / 10u16.pow(4 - shown as u32), shown);
             remaining -= shown;
             i += 1;
         }
     }
     Ok(out)
+}
+
+/// Appends the last `width` decimal digits of `v`, zero-padded (a snapshot formats a numeric
+/// per row; `write!` spent about 1.5% of a backfill's CPU in the formatting machinery).
+fn push_digits(out: &mut String, v: u16, width: usize) {
+    let mut digits = [b'0'; 4];
+    let mut v = v;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits[4 - width..]).expect("ASCII digits"));
 }
 
 /// Decodes a `tid` (a row version's place in the heap): its block, then its offset there.
@@ -269,6 +287,36 @@ mod tests {
         let mut out = [ndigits.to_be_bytes(), weight.to_be_bytes(), sign.to_be_bytes(), dscale.to_be_bytes()].concat();
         out.extend(digits.iter().flat_map(|d| d.to_be_bytes()));
         out
+    }
+
+    proptest::proptest! {
+        /// The digit pushing gives what `numeric_out`'s rule, written with `format!`, gives.
+        #[test]
+        fn numerics_format_like_their_text_form(
+            digits in proptest::collection::vec(0u16..10000, 0..6),
+            weight in -3i16..6,
+            dscale in 0u16..20,
+            negative in proptest::bool::ANY,
+        ) {
+            let sign = if negative { NUMERIC_NEG } else { NUMERIC_POS };
+            let bytes = numeric_bytes(digits.len() as i16, weight, sign, dscale, &digits);
+            let digit = |i: i32| usize::try_from(i).ok().and_then(|i| digits.get(i)).copied().unwrap_or(0);
+            let mut expected = String::from(if negative { "-" } else { "" });
+            if weight < 0 {
+                expected.push('0');
+            } else {
+                expected += &digit(0).to_string();
+                for i in 1..=weight as i32 {
+                    expected += &format!("{:04}", digit(i));
+                }
+            }
+            if dscale > 0 {
+                let fraction: String =
+                    (weight as i32 + 1..).take(dscale.div_ceil(4) as usize).map(|i| format!("{:04}", digit(i))).collect();
+                expected = format!("{expected}.{}", &fraction[..dscale as usize]);
+            }
+            proptest::prop_assert_eq!(numeric(&bytes).unwrap(), expected);
+        }
     }
 
     #[test]

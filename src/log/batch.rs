@@ -129,6 +129,16 @@ impl WriteBatch {
     /// records appended, in order.
     pub(super) fn apply(self, db: &Database, mut head: u64, durability: Durability) -> Result<(u64, Vec<LogRecord>)> {
         let WriteBatch { steps, schemas: batch_schemas, events: expected, unguarded, .. } = self;
+        // Per schema, once: the columns whose values TOAST state keeps, if any.
+        let toastable: HashMap<u32, (Arc<TableSchema>, Vec<usize>)> = batch_schemas
+            .into_iter()
+            .filter(|(_, schema)| schema.toast_target != 0)
+            .map(|(id, schema)| {
+                let columns: Vec<usize> = (0..schema.columns.len()).filter(|&i| schema.columns[i].toastable).collect();
+                (id, (schema, columns))
+            })
+            .filter(|(_, (_, columns))| !columns.is_empty())
+            .collect();
         let mut appended = Vec::with_capacity(expected);
         let mut tx = db.begin_write()?;
         tx.set_durability(durability)?;
@@ -158,8 +168,8 @@ impl WriteBatch {
                 if segment.full() {
                     segment.flush(&mut events)?;
                 }
-                if let Some(schema) = batch_schemas.get(&event.schema_id) {
-                    keep_toast_state(toast, schema, &event)?;
+                if let Some((schema, columns)) = toastable.get(&event.schema_id) {
+                    keep_toast_state(toast, schema, columns, &event)?;
                 }
                 appended.push(LogRecord { offset: head, event: Arc::new(event), bytes });
                 Ok(())
@@ -341,12 +351,14 @@ pub(super) fn segment_first(raw: &[u8]) -> u64 {
 }
 
 /// Keeps the last seen value of every toastable column per key, so a later update that leaves a
-/// TOASTed value out can be given the value that was current at that change.
-fn keep_toast_state(toast: &mut redb::Table<&[u8], &[u8]>, schema: &TableSchema, event: &ChangeEvent) -> Result<()> {
-    let toastable: Vec<usize> = (0..schema.columns.len()).filter(|&i| schema.columns[i].toastable).collect();
-    if toastable.is_empty() || schema.toast_target == 0 {
-        return Ok(());
-    }
+/// TOASTed value out can be given the value that was current at that change. `toastable` holds
+/// the schema's toastable columns (never empty).
+fn keep_toast_state(
+    toast: &mut redb::Table<&[u8], &[u8]>,
+    schema: &TableSchema,
+    toastable: &[usize],
+    event: &ChangeEvent,
+) -> Result<()> {
     match event.op {
         Op::Insert | Op::Update | Op::Read => {
             let Some(after) = &event.after else { return Ok(()) };
